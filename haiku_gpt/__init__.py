@@ -1,0 +1,1 @@
+"""haiku_gpt: a small, exact, fast GPT trainer in JAX and Haiku."""

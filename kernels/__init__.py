@@ -1,0 +1,4 @@
+"""Attention kernels: a reference einsum path, XLA's fused path and a Pallas flash kernel."""
+
+from kernels.attention import ATTENTION_IMPLS, attention, check_attention_impl
+from kernels.reference import cached_attention, reference_attention

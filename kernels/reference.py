@@ -1,0 +1,86 @@
+"""Reference attention: plain einsums with a float32 softmax.
+
+Shape glossary (layout `[batch, seq, heads, head_dim]` throughout):
+  B: batch   Tq: query length   Tk: key/value length   H: heads   D: head dim
+
+This is the readable definition every other attention path is checked against.
+It materialises the `[B, H, Tq, Tk]` scores, which is exactly what the fused
+kernel in `flash_attention.py` avoids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from kernels.dropout import dropout_keep_mask
+
+
+def default_scale(head_dim: int, sm_scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+def causal_mask(q_len: int, k_len: int):
+    """Bottom-right aligned causal mask: query i sits at position k_len - q_len + i."""
+    q_pos = jnp.arange(q_len)[:, None] + (k_len - q_len)
+    return jnp.arange(k_len)[None, :] <= q_pos
+
+
+def _softmax_attention(q, k, v, mask, sm_scale, dropout_rate, dropout_seed, q_offset):
+    batch, q_len, heads, head_dim = q.shape
+    k_len = k.shape[1]
+    compute_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=compute_dtype)
+    scores = scores * default_scale(head_dim, sm_scale)
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0:
+        if dropout_seed is None:
+            raise ValueError("dropout_rate > 0 needs a dropout_seed")
+        keep = dropout_keep_mask(dropout_seed, batch, heads, q_len, k_len, dropout_rate, q_offset)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=compute_dtype)
+    return out.astype(q.dtype)
+
+
+def reference_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch k_len heads head_dim"],
+    v: Float[Array, "batch k_len heads head_dim"],
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: Int[Array, ""] | int | None = None,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """softmax(q k^T * sm_scale [+ causal mask]) v, with optional hashed dropout.
+
+    With `q_len < k_len` and `causal=True` the queries are the *last* `q_len`
+    positions (bottom-right aligned), as in decoding after a prefix.
+    """
+    q_len, k_len = q.shape[1], k.shape[1]
+    mask = causal_mask(q_len, k_len) if causal else None
+    return _softmax_attention(q, k, v, mask, sm_scale, dropout_rate, dropout_seed, k_len - q_len)
+
+
+def cached_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k_cache: Float[Array, "batch cache_len heads head_dim"],
+    v_cache: Float[Array, "batch cache_len heads head_dim"],
+    query_positions: Int[Array, "q_len"],
+    *,
+    sm_scale: float | None = None,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """Decode-time attention over a fixed-size KV cache.
+
+    Query i sits at absolute position `query_positions[i]` and sees the cache
+    slots `0..query_positions[i]`; slots past it (future or not yet written)
+    are masked. Every attention implementation uses this for the KV-cached
+    sampler: with one query row there is nothing for a fused kernel to fuse.
+    """
+    mask = jnp.arange(k_cache.shape[1])[None, :] <= query_positions[:, None]
+    return _softmax_attention(q, k_cache, v_cache, mask, sm_scale, 0.0, None, 0)
