@@ -1,0 +1,64 @@
+"""Every field a run understands, with nanoGPT's names and defaults.
+
+The other config files start from `base.get_config()` and change what their
+recipe changes, so `--config.some_field=...` works the same for all of them
+and an unknown field is rejected by ml_collections (the config is locked).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.config_name = "base"
+    # I/O
+    c.out_dir = "out"
+    c.eval_interval = 2000
+    c.log_interval = 1
+    c.eval_iters = 200
+    c.eval_only = False
+    c.always_save_checkpoint = True
+    c.init_from = "scratch"  # 'scratch' | 'resume'
+    c.keep_checkpoints = 3
+    # data
+    c.data_dir = "data"  # datasets live in data_dir/dataset/{train,val}.bin + meta.json
+    c.dataset = "openwebtext"
+    c.gradient_accumulation_steps = 1
+    c.batch_size = 12
+    c.block_size = 1024
+    # model
+    c.n_layer = 12
+    c.n_head = 12
+    c.n_embd = 768
+    c.dropout = 0.0
+    c.bias = False
+    c.vocab_size = 0  # 0: from the dataset's meta.json (BPE 50257 is padded to 50304)
+    c.attention_impl = "reference"  # 'reference' | 'xla' | 'pallas'
+    c.check_attention = False  # run the reference beside attention_impl and chex-compare
+    # AdamW
+    c.learning_rate = 6e-4
+    c.max_iters = 600000
+    c.weight_decay = 1e-1
+    c.beta1 = 0.9
+    c.beta2 = 0.95
+    c.grad_clip = 1.0  # 0 disables clipping
+    # learning-rate schedule
+    c.decay_lr = True
+    c.warmup_iters = 2000
+    c.lr_decay_iters = 600000
+    c.min_lr = 6e-5
+    # system
+    c.seed = 1337
+    c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    c.peak_flops = 0.0  # for MFU; 0: measure this device's float32 matmul rate at start-up
+    c.steps_per_call = 0  # optimizer steps per jitted call (lax.scan); 0: choose automatically
+    # sampling (--mode=sample)
+    c.sample = ml_collections.ConfigDict()
+    c.sample.start = "\n"  # text, or FILE:path to read the prompt from a file
+    c.sample.num_samples = 10
+    c.sample.max_new_tokens = 500
+    c.sample.temperature = 0.8
+    c.sample.top_k = 200
+    c.sample.seed = 1337
+    c.sample.window = "exact"  # past block_size: 'exact' (nanoGPT: recompute) | 'half' (refill cache)
+    return c

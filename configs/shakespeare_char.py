@@ -1,0 +1,28 @@
+"""nanoGPT's config/train_shakespeare_char.py: a baby GPT (6/6/384, block 256) on characters."""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.config_name = "shakespeare_char"
+    c.out_dir = "out-shakespeare-char"
+    c.eval_interval = 250  # frequent, because it overfits
+    c.eval_iters = 200
+    c.log_interval = 10
+    c.always_save_checkpoint = False  # only save when val improves
+    c.dataset = "shakespeare_char"
+    c.gradient_accumulation_steps = 1
+    c.batch_size = 64
+    c.block_size = 256
+    c.n_layer = 6
+    c.n_head = 6
+    c.n_embd = 384
+    c.dropout = 0.2
+    c.learning_rate = 1e-3  # a baby network can take a higher rate
+    c.max_iters = 5000
+    c.lr_decay_iters = 5000
+    c.min_lr = 1e-4
+    c.beta2 = 0.99  # a bit bigger, because few tokens per iteration
+    c.warmup_iters = 100
+    return c

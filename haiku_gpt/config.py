@@ -1,0 +1,96 @@
+"""Checks on a run config, and the model shape derived from it and the dataset."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from haiku_gpt.errors import UserError
+from haiku_gpt.model import GPTConfig
+from kernels import ATTENTION_IMPLS, check_attention_impl
+
+DTYPES = ("float32", "bfloat16")
+INIT_FROM = ("scratch", "resume")
+SAMPLE_WINDOWS = ("exact", "half")
+# Fields that fix the parameter shapes: a checkpoint must agree on all of them.
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+
+
+def padded_vocab_size(meta: dict, requested: int = 0) -> int:
+    """The embedding's row count: BPE's 50257 is padded to a multiple of 64 (50304), as nanoGPT."""
+    vocab = int(meta["vocab_size"])
+    if requested:
+        if requested < vocab:
+            raise UserError(
+                f"--config.vocab_size={requested} is smaller than the dataset's vocabulary ({vocab}); "
+                f"leave it at 0 to take the dataset's size.")
+        return requested
+    if meta.get("tokenizer") == "gpt2":
+        return -(-vocab // 64) * 64
+    return vocab
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise UserError for anything that would fail later, before any work is done."""
+    def bad(msg: str) -> None:
+        raise UserError(msg)
+
+    for field in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                  "eval_iters", "log_interval", "eval_interval"):
+        if config[field] <= 0:
+            bad(f"--config.{field}={config[field]} must be a positive integer.")
+    if config.n_embd % config.n_head:
+        bad(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}: each head gets "
+            f"n_embd // n_head channels, so pick e.g. --config.n_head={_divisor_near(config.n_embd, config.n_head)}.")
+    if not 0.0 <= config.dropout < 1.0:
+        bad(f"--config.dropout={config.dropout} must be in [0, 1).")
+    try:
+        check_attention_impl(config.attention_impl, config.dropout)
+    except ValueError as e:
+        bad(f"{e}.")
+    if config.dtype not in DTYPES:
+        bad(f"--config.dtype={config.dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+    if config.init_from not in INIT_FROM:
+        bad(f"--config.init_from={config.init_from!r} is not one of {', '.join(INIT_FROM)}.")
+    if config.max_iters < 0:
+        bad(f"--config.max_iters={config.max_iters} must be >= 0.")
+    if config.learning_rate <= 0 or config.min_lr < 0:
+        bad("--config.learning_rate must be > 0 and --config.min_lr >= 0.")
+    if config.keep_checkpoints < 1:
+        bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
+    if config.steps_per_call < 0:
+        bad(f"--config.steps_per_call={config.steps_per_call} must be >= 0 (0 chooses automatically).")
+
+
+def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:
+    s = config.sample
+    if s.max_new_tokens <= 0:
+        raise UserError(f"--config.sample.max_new_tokens={s.max_new_tokens}: it must be a positive number "
+                        "of tokens to generate.")
+    if s.num_samples <= 0:
+        raise UserError(f"--config.sample.num_samples={s.num_samples} must be positive.")
+    if s.temperature <= 0:
+        raise UserError(f"--config.sample.temperature={s.temperature} must be > 0 (use e.g. 1e-3 for "
+                        "near-greedy decoding).")
+    if s.top_k is not None and s.top_k > vocab_size:
+        raise UserError(f"--config.sample.top_k={s.top_k} is larger than the vocabulary ({vocab_size} "
+                        f"tokens): use at most {vocab_size}, or 0 to sample from the whole vocabulary.")
+    if s.top_k is not None and s.top_k < 0:
+        raise UserError(f"--config.sample.top_k={s.top_k} must be >= 0 (0: no top-k filtering).")
+    if s.window not in SAMPLE_WINDOWS:
+        raise UserError(f"--config.sample.window={s.window!r} is not one of {', '.join(SAMPLE_WINDOWS)}.")
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+        n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
+        attention_impl=config.attention_impl, check_attention=config.check_attention)
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - target))
+
+
+__all__ = ["ATTENTION_IMPLS", "MODEL_FIELDS", "model_config", "padded_vocab_size", "validate",
+           "validate_sample"]

@@ -1,0 +1,69 @@
+"""Prepared token streams on disk -> random training windows, reproducibly.
+
+A dataset is `data_dir/NAME/{train.bin,val.bin,meta.json}` written by the
+prepare scripts in `data/`. The bins are memory-mapped, so a corpus larger
+than RAM is fine. Each batch is drawn from a numpy generator seeded by
+`(seed, split, step)`: the sampler has no state to save beyond the step, so a
+resumed run draws exactly the batches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from jaxtyping import Int
+
+from haiku_gpt.errors import UserError
+from haiku_gpt.tokenizer import Tokenizer, load_tokenizer, read_meta
+
+SPLITS = ("train", "val")
+_STREAM_IDS = {"train": 0, "val": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    path: str
+    meta: dict
+    tokenizer: Tokenizer
+    splits: dict  # split name -> np.memmap of uint16 token ids
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+
+def open_dataset(data_dir: str, name: str, block_size: int) -> Dataset:
+    path = os.path.join(data_dir, name)
+    meta = read_meta(path)
+    splits = {}
+    for split in SPLITS:
+        file = os.path.join(path, f"{split}.bin")
+        if not os.path.exists(file):
+            raise UserError(
+                f"dataset {name!r} at {path} has meta.json but no {split}.bin, so it was not prepared "
+                f"completely: prepare it again with `python data/{name}/prepare.py --force` "
+                f"(or data/text/prepare.py --force --name {name} --input ...).")
+        tokens = np.memmap(file, dtype=np.uint16, mode="r") if os.path.getsize(file) else np.zeros(0, np.uint16)
+        if len(tokens) <= block_size:
+            raise UserError(
+                f"the {split} split of dataset {name!r} has {len(tokens)} tokens, too few for "
+                f"block_size={block_size} (a training window needs block_size + 1 tokens): use a "
+                f"smaller --config.block_size or prepare a larger corpus.")
+        splits[split] = tokens
+    return Dataset(name, path, meta, load_tokenizer(meta), splits)
+
+
+def batch_rng(seed: int, split: str, step: int, process_index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, _STREAM_IDS[split], step, process_index])
+
+
+def sample_batch(
+    tokens: np.ndarray, rng: np.random.Generator, batch_shape: tuple[int, ...], block_size: int
+) -> tuple[Int[np.ndarray, "*batch T"], Int[np.ndarray, "*batch T"]]:
+    """Random windows: x = tokens[i : i+T], y = tokens[i+1 : i+1+T] (nanoGPT's get_batch)."""
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_shape)
+    windows = tokens[starts[..., None] + np.arange(block_size + 1)].astype(np.int32)
+    return windows[..., :-1], windows[..., 1:]

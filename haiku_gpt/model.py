@@ -1,0 +1,223 @@
+"""GPT-2, exactly as nanoGPT's model.py has it, as Haiku modules.
+
+Shape glossary:
+  B: batch size            T: sequence length (<= block_size)
+  C: n_embd (model width)  H: n_head    D: head dim = C // H
+  V: vocabulary size       L: n_layer   S: KV-cache length (= block_size)
+  N: B * T (tokens flattened: every matmul sees a 2-D [N, C] operand, which
+     XLA's CPU backend runs ~1.5x faster than the same matmul on [B, T, C])
+
+Token + learned position embeddings, pre-LayerNorm blocks (attention then MLP,
+each added to the residual stream), final LayerNorm, and an lm_head tied to the
+token embedding. Dropout goes through Haiku's rng (`hk.next_rng_key`), so the
+model is a pure function of (params, rng, tokens) after `hk.transform`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The model's shape: the subset of the run config the model needs."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = False
+    attention_impl: str = "reference"
+    check_attention: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for positions 0..S-1 (unwritten slots are masked)."""
+
+    k: Float[Array, "L B S H D"]
+    v: Float[Array, "L B S H D"]
+
+
+def init_kv_cache(config: GPTConfig, batch_size: int, dtype=jnp.float32) -> KVCache:
+    shape = (config.n_layer, batch_size, config.block_size, config.n_head, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _normal(std: float) -> hk.initializers.Initializer:
+    return hk.initializers.RandomNormal(stddev=std)
+
+
+def _dropout(x: Array, rate: float, is_training: bool) -> Array:
+    if is_training and rate > 0.0:
+        return hk.dropout(hk.next_rng_key(), rate, x)
+    return x
+
+
+def _layer_norm(bias: bool, name: str) -> hk.LayerNorm:
+    # nanoGPT's LayerNorm: eps 1e-5, weight always, bias only with config.bias.
+    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=bias, eps=1e-5, name=name)
+
+
+class CausalSelfAttention(hk.Module):
+    """Fused qkv projection, causal attention through `kernels.attention`, output projection."""
+
+    def __init__(self, config: GPTConfig, name: str | None = None):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(
+        self,
+        x: Float[Array, "N C"],
+        batch_size: int,
+        is_training: bool,
+        layer_cache: tuple[Array, Array] | None = None,
+        positions: Int[Array, "T"] | None = None,
+    ) -> tuple[Float[Array, "N C"], tuple[Array, Array] | None]:
+        cfg = self.config
+        n_tokens, width = x.shape
+        seq = n_tokens // batch_size
+        std_proj = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual init
+        qkv = hk.Linear(3 * width, with_bias=cfg.bias, w_init=_normal(0.02), name="c_attn")(x)
+        qkv = qkv.reshape(batch_size, seq, 3, cfg.n_head, cfg.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, D]
+
+        new_cache = None
+        if layer_cache is None:
+            dropout_rate = cfg.dropout if is_training else 0.0
+            seed = None
+            if dropout_rate > 0.0:
+                seed = jax.random.bits(hk.next_rng_key(), dtype=jnp.uint32)
+            y = kernels.attention(q, k, v, impl=cfg.attention_impl, causal=True,
+                                  dropout_rate=dropout_rate, dropout_seed=seed)
+            if cfg.check_attention and cfg.attention_impl != "reference":
+                expected = kernels.reference_attention(q, k, v, causal=True,
+                                                       dropout_rate=dropout_rate, dropout_seed=seed)
+                _assert_attention_agrees(y, expected, self.module_name)
+        else:
+            # Decoding: write this step's keys/values at their positions, attend over the cache.
+            k_cache, v_cache = layer_cache
+            start = positions[0]
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
+            y = kernels.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions)
+            new_cache = (k_cache, v_cache)
+
+        y = y.reshape(n_tokens, width)
+        y = hk.Linear(width, with_bias=cfg.bias, w_init=_normal(std_proj), name="c_proj")(y)
+        return _dropout(y, cfg.dropout, is_training), new_cache
+
+
+def _assert_attention_agrees(actual: Array, expected: Array, layer: str) -> None:
+    """chex check (inside jit via chex.chexify) that attention_impl matches the reference."""
+    tol = 2e-2 if actual.dtype == jnp.bfloat16 else 1e-4
+    chex.assert_trees_all_close(
+        actual.astype(jnp.float32), expected.astype(jnp.float32), rtol=tol, atol=tol,
+        custom_message=f"attention_impl disagrees with the reference attention in layer {layer}")
+
+
+class MLP(hk.Module):
+    """c_fc (4x wider) -> tanh-GELU -> c_proj -> dropout."""
+
+    def __init__(self, config: GPTConfig, name: str | None = None):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x: Float[Array, "N C"], is_training: bool) -> Float[Array, "N C"]:
+        cfg = self.config
+        std_proj = 0.02 / math.sqrt(2 * cfg.n_layer)
+        h = hk.Linear(4 * cfg.n_embd, with_bias=cfg.bias, w_init=_normal(0.02), name="c_fc")(x)
+        h = jax.nn.gelu(h, approximate=True)
+        h = hk.Linear(cfg.n_embd, with_bias=cfg.bias, w_init=_normal(std_proj), name="c_proj")(h)
+        return _dropout(h, cfg.dropout, is_training)
+
+
+class Block(hk.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, name: str | None = None):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x, batch_size, is_training, layer_cache=None, positions=None):
+        attn_out, new_cache = CausalSelfAttention(self.config, name="attn")(
+            _layer_norm(self.config.bias, "ln_1")(x), batch_size, is_training, layer_cache, positions)
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(_layer_norm(self.config.bias, "ln_2")(x), is_training)
+        return x, new_cache
+
+
+class GPT(hk.Module):
+    """The whole model: tokens in, next-token logits out (and an updated KV cache when decoding)."""
+
+    def __init__(self, config: GPTConfig, name: str = "gpt"):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(
+        self,
+        idx: Int[Array, "B T"],
+        is_training: bool = False,
+        cache: KVCache | None = None,
+        start: Int[Array, ""] | int = 0,
+    ) -> tuple[Float[Array, "B T V"], KVCache | None]:
+        """Logits for every position; with `cache`, the tokens sit at positions start..start+T-1."""
+        cfg = self.config
+        batch_size, seq = idx.shape
+        chex.assert_rank(idx, 2)
+        wte = hk.Embed(cfg.vocab_size, cfg.n_embd, w_init=_normal(0.02), name="wte")
+        wpe = hk.get_parameter("wpe", [cfg.block_size, cfg.n_embd], init=_normal(0.02))
+        positions = jnp.arange(seq) + start
+        x = wte(idx) + jnp.take(wpe, positions, axis=0)[None]
+        x = _dropout(x, cfg.dropout, is_training).reshape(batch_size * seq, cfg.n_embd)
+
+        new_k, new_v = [], []
+        for i in range(cfg.n_layer):  # unrolled: faster than hk.layer_stack on CPU
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_new = Block(cfg, name=f"h_{i}")(x, batch_size, is_training, layer_cache, positions)
+            if layer_new is not None:
+                new_k.append(layer_new[0])
+                new_v.append(layer_new[1])
+        x = _layer_norm(cfg.bias, "ln_f")(x)
+        # Tied lm_head: logits against the token embedding, accumulated in float32.
+        logits = jnp.dot(x, wte.embeddings.T.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = logits.reshape(batch_size, seq, cfg.vocab_size)
+        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
+        return logits, new_cache
+
+
+def make_model(config: GPTConfig) -> hk.Transformed:
+    """`init(rng, idx)` / `apply(params, rng, idx, is_training, cache, start)` for the GPT."""
+
+    def forward(idx, is_training=False, cache=None, start=0):
+        return GPT(config)(idx, is_training, cache, start)
+
+    return hk.transform(forward)
+
+
+def count_params(params: hk.Params, exclude_position_embeddings: bool = True) -> int:
+    """nanoGPT's get_num_params(): position embeddings excluded, tied lm_head counted once."""
+    total = sum(x.size for x in jax.tree.leaves(params))
+    if exclude_position_embeddings:
+        total -= params["gpt"]["wpe"].size
+    return total
+
+
+def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
+    """nanoGPT's estimate_mfu numerator (PaLM appendix B): 6N + 12 L H D T per token, fwd+bwd."""
+    return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
