@@ -15,7 +15,7 @@ from haiku_gpt.system import tune_allocator
 
 tune_allocator()  # before JAX allocates anything (see haiku_gpt/system.py)
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(globals().get("__file__") or sys.argv[0]))
@@ -45,17 +45,53 @@ def _run(mode, config):
         train.evaluate_checkpoint(config)
 
 
+def _parse_flags(argv):
+    """absl's parser, with a one-paragraph error instead of a traceback for a bad --config."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config lacks
+        key_error = e if isinstance(e, KeyError) else e.__context__
+        detail = str(key_error.args[0] if key_error is not None and key_error.args else e)
+        message = (f"unknown config field {detail.replace(chr(10), '; ')}: check the spelling of the "
+                   "--config.<field> flag (every field is listed, with its default, in configs/base.py).")
+    except Exception as e:  # noqa: BLE001 (a config file that is missing or fails to load)
+        message = _config_file_problem(e)
+    _exit_with(f"{message} Run `python launch.py --helpfull` for the flags.")
+
+
+def _config_file_problem(e):
+    last_line = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+    return (f"cannot load the config file given by --config ({last_line}): pass one of configs/*.py, "
+            "e.g. --config=configs/shakespeare_char.py.")
+
+
+def _exit_with(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
     from haiku_gpt.errors import UserError  # noqa: PLC0415
 
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag")
     try:
-        _run(_MODE.value, _CONFIG.value)
+        config = _CONFIG.value
+        config.get("config_name")  # a config file that failed to load raises on first access
+    except Exception as e:  # noqa: BLE001 (ml_collections loads the file lazily)
+        _exit_with(_config_file_problem(e))
+    try:
+        _run(_MODE.value, config)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit_with(str(e))
+    finally:
+        if config.check_attention:  # settle chex's jitted attention checks before exiting
+            import chex  # noqa: PLC0415
+            chex.block_until_chexify_assertions_complete()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

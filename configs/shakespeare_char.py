@@ -25,4 +25,7 @@ def get_config():
     c.min_lr = 1e-4
     c.beta2 = 0.99  # a bit bigger, because few tokens per iteration
     c.warmup_iters = 100
+    # nanoGPT samples with top_k=200, which keeps all 65 characters: say so (0: no filtering),
+    # since a top_k larger than the vocabulary is rejected as a likely mistake.
+    c.sample.top_k = 0
     return c

@@ -78,9 +78,13 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     loss_fn = make_loss_fn(model, compute_dtype)
     accum = config.gradient_accumulation_steps
 
+    # Initialise without the attention cross-check: same parameters, and init may run
+    # abstractly (jax.eval_shape), where chex's value assertions cannot.
+    init_model = make_model(dataclasses.replace(mcfg, check_attention=False))
+
     def init(seed: int) -> TrainingState:
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-        params = model.init(init_rng, jnp.zeros((1, mcfg.block_size), jnp.int32))
+        params = init_model.init(init_rng, jnp.zeros((1, mcfg.block_size), jnp.int32))
         return TrainingState(params, optimizer.init(params), jnp.zeros((), jnp.int32), train_rng)
 
     def one_step(state: TrainingState, batch) -> tuple[TrainingState, dict]:
@@ -108,14 +112,13 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     def eval_losses(params, x, y):
         return jax.lax.map(lambda xy: loss_fn(params, None, xy[0], xy[1], False), (x, y))
 
+    init_jit = jax.jit(init, static_argnums=0)
     train_steps_jit = jax.jit(train_steps, donate_argnums=0)
     eval_jit = jax.jit(eval_losses)
     if config.check_attention:
         # chex value assertions inside jit need chexify; synchronous so a mismatch stops the step.
-        train_steps_jit = chex.chexify(train_steps_jit, async_check=False)
-        eval_jit = chex.chexify(eval_jit, async_check=False)
-    return Trainer(config, mcfg, model, optimizer, jax.jit(init, static_argnums=0),
-                   train_steps_jit, eval_jit)
+        train_steps_jit, eval_jit = (chex.chexify(f, async_check=False) for f in (train_steps_jit, eval_jit))
+    return Trainer(config, mcfg, model, optimizer, init_jit, train_steps_jit, eval_jit)
 
 
 def estimate_loss(trainer: Trainer, params, dataset: Dataset, step: int) -> dict[str, float]:
@@ -194,15 +197,25 @@ def _steps_per_call(config: ml_collections.ConfigDict) -> int:
     return 1
 
 
+def ensure_writable(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        writable = os.access(out_dir, os.W_OK)
+    except OSError as e:
+        writable, why = False, f" ({e.strerror})"
+    else:
+        why = ""
+    if not writable:
+        raise UserError(f"--config.out_dir={out_dir} is not writable{why}: choose a directory you can write to.")
+
+
 def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
     """Train as nanoGPT's train.py does; returns a summary (final losses, timings)."""
     validate(config)
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
     vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
     trainer = make_trainer(config, vocab_size)
-    os.makedirs(config.out_dir, exist_ok=True)
-    if not os.access(config.out_dir, os.W_OK):
-        raise UserError(f"--config.out_dir={config.out_dir} is not writable: choose a directory you can write to.")
+    ensure_writable(config.out_dir)
 
     best_val_loss = math.inf
     if config.init_from == "resume":

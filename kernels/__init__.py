@@ -2,3 +2,4 @@
 
 from kernels.attention import ATTENTION_IMPLS, attention, check_attention_impl
 from kernels.reference import cached_attention, reference_attention
+from kernels.flash_attention import flash_attention

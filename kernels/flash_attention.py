@@ -71,7 +71,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import chex
 import jax
@@ -158,7 +158,8 @@ def _geometry(backend: _Backend, opts: _Options, seq_len: int, head_dim: int) ->
     cap = max(16, _next_pow2(seq_len))
     block_q = min(opts.block_q or backend.default_block, cap)
     block_k = min(opts.block_k or backend.default_block, cap)
-    seq_padded = -(-seq_len // math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
+    multiple = math.lcm(block_q, block_k)
+    seq_padded = pl.cdiv(seq_len, multiple) * multiple
     return _Geometry(seq_len, head_dim, block_q, block_k, seq_padded, max(16, _next_pow2(head_dim)))
 
 
@@ -212,11 +213,6 @@ def _score_mask(q_pos, k_pos, *, causal: bool, seq_len: int, seq_padded: int):
     return mask
 
 
-def _ceil_div(a, b: int):
-    """ceil(a / b) for a traced non-negative int32 `a` (`//` on program ids is not lowered everywhere)."""
-    return lax.div(a + (b - 1), b)
-
-
 # ---------------------------------------------------------------------------
 # Kernels. Ref shapes are per program (the BlockSpecs squeeze B and H).
 # ---------------------------------------------------------------------------
@@ -258,9 +254,9 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
 
     # Key blocks holding at least one real key; causal: also not past the last
     # query row of this block. Blocks above the diagonal are skipped outright.
-    num_k = -(-geom.seq_len // bk)
+    num_k = pl.cdiv(geom.seq_len, bk)
     if causal:
-        num_k = jnp.minimum(num_k, _ceil_div((qi + 1) * bq, bk))
+        num_k = jnp.minimum(num_k, pl.cdiv((qi + 1) * bq, bk))
     init = (jnp.zeros((bq, geom.head_dim_padded), jnp.float32),
             jnp.full((bq, 1), MASK_VALUE, jnp.float32),
             jnp.zeros((bq, 1), jnp.float32))
@@ -326,7 +322,7 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
     # Query blocks whose rows can see this key block: causal starts at the
     # diagonal. Query blocks made only of padding rows are skipped.
     first_q = lax.div(kj * bk, bq) if causal else 0
-    num_q = -(-geom.seq_len // bq)
+    num_q = pl.cdiv(geom.seq_len, bq)
     zeros = jnp.zeros((bk, geom.head_dim_padded), jnp.float32)
     dk, dv = lax.fori_loop(first_q, num_q, body, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -351,9 +347,9 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
                                    dropout_rate=dropout_rate, geom=geom)
         return dq + _dot(ds.astype(k.dtype), k)  # dS K
 
-    num_k = -(-geom.seq_len // bk)  # same key range as the forward
+    num_k = pl.cdiv(geom.seq_len, bk)  # same key range as the forward
     if causal:
-        num_k = jnp.minimum(num_k, _ceil_div((qi + 1) * bq, bk))
+        num_k = jnp.minimum(num_k, pl.cdiv((qi + 1) * bq, bk))
     dq = lax.fori_loop(0, num_k, body, jnp.zeros((bq, geom.head_dim_padded), jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 

@@ -1,0 +1,138 @@
+"""launch.py end to end in subprocesses: prepare -> train -> sample -> eval, and every bad input.
+
+A bad input must give a one-paragraph `error: ...` on stderr, a non-zero exit
+code, no traceback, and leave prepared data and checkpoints as they were.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, corpus_text
+
+
+def launch(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    return ["--config=configs/tiny.py", f"--config.data_dir={data_dir}", "--config.dataset=chars",
+            f"--config.out_dir={out_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Prepare a corpus with data/text/prepare.py, then train the tiny config on it."""
+    root = tmp_path_factory.mktemp("e2e")
+    text = root / "corpus.txt"
+    text.write_text(corpus_text())
+    data_dir = root / "data"
+    prep = subprocess.run([sys.executable, "data/text/prepare.py", "--input", str(text), "--tokenizer", "char",
+                           "--name", "chars", "--out_dir", str(data_dir / "chars")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    out_dir = root / "out"
+    result = launch(*tiny_args(data_dir, out_dir))
+    assert result.returncode == 0, result.stderr
+    return data_dir, out_dir, result
+
+
+def test_train_prints_nanogpt_style_progress(trained):
+    _, out_dir, result = trained
+    assert "number of parameters: 0.03M" in result.stdout
+    assert "step 20: train loss" in result.stdout and "iter 15: loss" in result.stdout
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "dt_ms", "tokens_per_sec", "mfu"} == set(lines[1])
+    assert (out_dir / "loss.png").exists()
+
+
+def test_sample_prints_samples_separated_by_dashes_and_is_reproducible(trained):
+    data_dir, out_dir, _ = trained
+    args = tiny_args(data_dir, out_dir, "--mode=sample", "--config.sample.start=ROMEO:",
+                     "--config.sample.num_samples=2", "--config.sample.max_new_tokens=30")
+    first, second = launch(*args), launch(*args)
+    assert first.returncode == 0, first.stderr
+    samples = first.stdout.split("-" * 17 + "\n")
+    texts = [s.split("\n", 1)[1] if s.startswith("sampling") else s for s in samples]
+    assert sum(1 for t in samples if "ROMEO:" in t) == 2
+    assert first.stdout == second.stdout  # same seed, same text
+    assert "Traceback" not in first.stderr and texts
+
+
+def test_eval_mode_reports_and_records_losses(trained):
+    data_dir, out_dir, _ = trained
+    result = launch(*tiny_args(data_dir, out_dir, "--mode=eval"))
+    assert result.returncode == 0, result.stderr
+    assert "train loss" in result.stdout and "val loss" in result.stdout
+
+
+def test_attention_impls_train_alike(trained, tmp_path):
+    data_dir, out_dir, _ = trained
+    ref = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    result = launch(*tiny_args(data_dir, tmp_path / "xla", "--config.attention_impl=xla"))
+    assert result.returncode == 0, result.stderr
+    xla = [json.loads(x) for x in (tmp_path / "xla" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(ref, xla):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4)
+
+
+def snapshot(path: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+BAD_INPUTS = [
+    # (extra args, expected message fragment)
+    (["--config.foo=1"], "unknown config field 'foo'"),
+    (["--config.n_layr=3"], 'Did you mean "n_layer"'),
+    (["--config.n_layer=abc"], "invalid literal for int()"),
+    (["--config.n_embd=33"], "n_embd=33 is not divisible by n_head=2"),
+    (["--config.attention_impl=flashy"], "unknown attention_impl 'flashy'; choose one of reference, xla, pallas"),
+    (["--mode=bogus"], "value should be one of <train|sample|eval"),
+    (["--config.dtype=float16"], "--config.dtype='float16' is not supported"),
+    (["--config.dataset=nope"], "run `python data/text/prepare.py --input PATH/to/text --name nope`"),
+    (["--config.block_size=100000"], "too few for block_size=100000"),
+    (["--mode=sample", "--config.sample.start=ROMEO: ☃"], "not in the char-level vocabulary"),
+    (["--mode=sample", "--config.sample.max_new_tokens=0"], "max_new_tokens=0"),
+    (["--mode=sample", "--config.sample.top_k=1000"], "top_k=1000 is larger than the vocabulary"),
+    (["--mode=sample", "--config.sample.start=FILE:/nonexistent/prompt.txt"], "cannot read the prompt file"),
+    (["--config=configs/nonexistent.py"], "cannot load the config file"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_paragraph(trained, extra, message):
+    data_dir, out_dir, _ = trained
+    before = snapshot(out_dir) | snapshot(data_dir)
+    args = tiny_args(data_dir, out_dir, *extra)
+    if extra[0].startswith("--config="):
+        args = [extra[0], *args[1:-1]]
+    result = launch(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error:") or "error:" in result.stderr
+    assert snapshot(out_dir) | snapshot(data_dir) == before  # nothing lost or changed
+
+
+def test_sampling_without_checkpoint(trained, tmp_path):
+    data_dir, _, _ = trained
+    result = launch(*tiny_args(data_dir, tmp_path / "empty", "--mode=sample"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "no checkpoint found" in result.stderr
+
+
+def test_out_dir_not_writable(trained, tmp_path):
+    data_dir, _, _ = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = launch(*tiny_args(data_dir, blocker / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "is not writable" in result.stderr

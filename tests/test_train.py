@@ -1,0 +1,172 @@
+"""Training: schedule, optimizer masks, overfitting, accumulation, determinism, checkpoints, resume."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shakespeare_char
+from haiku_gpt import checkpoint, train
+from haiku_gpt.data import batch_rng, open_dataset, sample_batch
+from haiku_gpt.errors import UserError
+from haiku_gpt.optimizer import decay_mask, lr_schedule
+
+
+def nanogpt_get_lr(it, c):
+    """nanoGPT's train.py get_lr, verbatim in logic."""
+    if it < c.warmup_iters:
+        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+    if it > c.lr_decay_iters:
+        return c.min_lr
+    ratio = (it - c.warmup_iters) / (c.lr_decay_iters - c.warmup_iters)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+
+
+def test_lr_schedule_is_nanogpts():
+    c = shakespeare_char.get_config()
+    schedule = lr_schedule(c)
+    for it in [0, 1, 50, 99, 100, 101, 2500, 4999, 5000, 5001, 9000]:
+        assert float(schedule(it)) == pytest.approx(nanogpt_get_lr(it, c), rel=1e-5)
+    c.decay_lr = False
+    assert float(lr_schedule(c)(1234)) == pytest.approx(c.learning_rate)
+
+
+def test_weight_decay_only_on_matrices():
+    params = {"lin": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "ln": {"scale": jnp.ones(4)},
+              "emb": {"embeddings": jnp.ones((5, 4))}}
+    mask = decay_mask(params)
+    assert mask == {"lin": {"w": True, "b": False}, "ln": {"scale": False}, "emb": {"embeddings": True}}
+
+
+def test_batches_are_windows_and_reproducible(tiny_config):
+    ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
+    tokens = ds.splits["train"]
+    x, y = sample_batch(tokens, batch_rng(1, "train", 7), (2, 3), 16)
+    assert x.shape == y.shape == (2, 3, 16) and x.dtype == np.int32
+    np.testing.assert_array_equal(x[..., 1:], y[..., :-1])  # y is x shifted by one
+    x2, _ = sample_batch(tokens, batch_rng(1, "train", 7), (2, 3), 16)
+    x3, _ = sample_batch(tokens, batch_rng(1, "train", 8), (2, 3), 16)
+    np.testing.assert_array_equal(x, x2)
+    assert not np.array_equal(x, x3)
+
+
+def steps(trainer, state, tokens, seed, start, n, batch_shape, block):
+    losses = []
+    for s in range(start, start + n):
+        x, y = train.sample_batches(tokens, seed, s, 1, batch_shape, block)
+        state, m = trainer.train_steps(state, x, y)
+        losses.append(float(m["loss"][0]))
+    return state, losses
+
+
+def test_overfits_one_batch(tiny_config):
+    tiny_config.learning_rate = 3e-3
+    tiny_config.decay_lr = False
+    tiny_config.check_attention = False
+    ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
+    trainer = train.make_trainer(tiny_config, ds.vocab_size)
+    state = trainer.init(0)
+    x, y = train.sample_batches(ds.splits["train"], 0, 0, 1, (1, 4), 16)
+    first = None
+    for _ in range(150):
+        state, m = trainer.train_steps(state, x, y)
+        first = first if first is not None else float(m["loss"][0])
+    assert first > 3.0 and float(m["loss"][0]) < 0.2
+
+
+def test_gradient_accumulation_matches_big_batch(tiny_config):
+    tiny_config.check_attention = False
+    ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
+    x, y = train.sample_batches(ds.splits["train"], 0, 0, 1, (2, 4), 16)
+    tiny_config.gradient_accumulation_steps = 2
+    acc = train.make_trainer(tiny_config, ds.vocab_size)
+    s_acc, m_acc = acc.train_steps(acc.init(0), x, y)
+    tiny_config.gradient_accumulation_steps = 1
+    tiny_config.batch_size = 8
+    big = train.make_trainer(tiny_config, ds.vocab_size)
+    s_big, m_big = big.train_steps(big.init(0), x.reshape(1, 1, 8, 16), y.reshape(1, 1, 8, 16))
+    np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s_acc.params, s_big.params)
+
+
+def test_scanned_steps_equal_single_steps(tiny_config):
+    tiny_config.check_attention = False
+    ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
+    trainer = train.make_trainer(tiny_config, ds.vocab_size)
+    _, single = steps(trainer, trainer.init(0), ds.splits["train"], 0, 0, 4, (1, 4), 16)
+    x, y = train.sample_batches(ds.splits["train"], 0, 0, 4, (1, 4), 16)
+    _, m = trainer.train_steps(trainer.init(0), x, y)
+    np.testing.assert_allclose(np.asarray(m["loss"]), single, rtol=1e-6)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_loop_logs_evaluates_checkpoints_and_is_deterministic(tiny_config, tmp_path):
+    summary = train.train(tiny_config, log=lambda s: None)
+    records = read_metrics(tiny_config.out_dir)
+    logs = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in logs] == [0, 5, 10, 15]
+    assert set(logs[0]) == {"step", "loss", "lr", "dt_ms", "tokens_per_sec", "mfu"}
+    assert [r["step"] for r in evals] == [0, 10, 20] and set(evals[0]) == {"step", "train_loss", "val_loss"}
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert os.path.getsize(os.path.join(tiny_config.out_dir, "loss.png")) > 1000
+    assert checkpoint.list_checkpoints(tiny_config.out_dir)
+    assert summary["step"] == 20
+
+    tiny_config.out_dir = str(tmp_path / "again")
+    train.train(tiny_config, log=lambda s: None)
+    again = [r["loss"] for r in read_metrics(tiny_config.out_dir) if "loss" in r]
+    assert again == [r["loss"] for r in logs]  # same seed, same losses, bit for bit
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path):
+    tiny_config.always_save_checkpoint = True
+    tiny_config.log_interval = 1
+    full_dir = tiny_config.out_dir
+    train.train(tiny_config, log=lambda s: None)
+    full = {r["step"]: r["loss"] for r in read_metrics(full_dir) if "loss" in r}
+
+    tiny_config.out_dir = str(tmp_path / "split")
+    tiny_config.max_iters = 10  # stop at the step-10 checkpoint...
+    train.train(tiny_config, log=lambda s: None)
+    tiny_config.max_iters = 20  # ...then resume to 20 (changing max_iters is allowed)
+    tiny_config.init_from = "resume"
+    train.train(tiny_config, log=lambda s: None)
+    resumed = {r["step"]: r["loss"] for r in read_metrics(tiny_config.out_dir) if "loss" in r}
+    assert resumed == full
+
+
+def test_resume_with_other_model_shape_names_the_fields(tiny_config):
+    train.train(tiny_config, log=lambda s: None)
+    tiny_config.init_from = "resume"
+    tiny_config.n_embd = 48
+    tiny_config.n_layer = 3
+    with pytest.raises(UserError, match=r"n_layer: checkpoint 2 vs config 3.*n_embd: checkpoint 32 vs config 48"):
+        train.train(tiny_config, log=lambda s: None)
+
+
+def test_nan_loss_stops_with_clear_error(tiny_config):
+    tiny_config.learning_rate = 1e4
+    tiny_config.min_lr = 1e3
+    tiny_config.grad_clip = 0.0
+    tiny_config.warmup_iters = 0
+    tiny_config.max_iters = 200
+    tiny_config.eval_interval = 1000
+    with pytest.raises(UserError, match="the loss became nan at step"):
+        train.train(tiny_config, log=lambda s: None)
+
+
+def test_check_attention_runs_both_paths(tiny_config):
+    tiny_config.attention_impl = "xla"
+    tiny_config.check_attention = True
+    tiny_config.max_iters = 3
+    summary = train.train(tiny_config, log=lambda s: None)
+    assert summary["step"] == 3
