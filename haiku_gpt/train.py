@@ -190,7 +190,7 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _steps_per_call(config: ml_collections.ConfigDict) -> int:
+def steps_per_call(config: ml_collections.ConfigDict) -> int:
     """Several optimizer steps per jitted call amortise dispatch; logging needs the per-step losses only."""
     if config.steps_per_call:
         return config.steps_per_call
@@ -235,7 +235,7 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
         f"({'configured' if config.peak_flops else 'measured float32 matmul'})")
 
     metrics = MetricsWriter(config.out_dir)
-    k_steps = _steps_per_call(config)
+    k_steps = steps_per_call(config)
     batch_shape = (config.gradient_accumulation_steps, config.batch_size)
     step = int(state.step)
     summary = {"n_params": n_params}

@@ -1,0 +1,202 @@
+"""Benchmarks that print numbers: training step, sampling, attention.
+
+  python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=train
+  python -m haiku_gpt.bench --config=configs/shakespeare_char.py --what=sample
+  python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=attention [--plot]
+
+Each prints a table and writes JSON (--json_out, default bench-results/<what>.json).
+Times are medians after warm-up; compilation is reported separately. This is a
+benchmark, not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from haiku_gpt.system import tune_allocator
+
+tune_allocator()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from haiku_gpt import train as train_lib  # noqa: E402
+from haiku_gpt.metrics import measure_peak_flops  # noqa: E402
+from haiku_gpt.model import count_params, flops_per_token  # noqa: E402
+from haiku_gpt.sample import generate_tokens  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
+                                          lock_config=True)
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention"], "What to benchmark.")
+_ITERS = flags.DEFINE_integer("iters", 50, "Timed iterations (train) / repetitions (attention).")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed iterations after compilation.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary size (no dataset is read: random tokens).")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 0, "sample: tokens to generate (0: block_size - 6).")
+_SEQS = flags.DEFINE_list("seqs", ["128", "256", "512", "1024", "2048", "4096"], "attention: sequence lengths.")
+_IMPLS = flags.DEFINE_list("impls", ["reference", "xla", "pallas"], "attention: implementations.")
+_MAX_PALLAS_SEQ = flags.DEFINE_integer("max_interpret_seq", 1024,
+                                       "attention: longest seq for pallas in (slow) interpret mode on CPU.")
+_PLOT = flags.DEFINE_bool("plot", False, "attention: also write a PNG of the table (needs matplotlib).")
+_JSON = flags.DEFINE_string("json_out", None, "Where to write the JSON results.")
+
+
+def _random_tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
+    return rng.integers(0, vocab, size=shape, dtype=np.int32)
+
+
+def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
+    """ms/iter of the jitted train step (median), tokens/s, MFU, first-call (compile) time."""
+    trainer = train_lib.make_trainer(config, vocab)
+    k = train_lib.steps_per_call(config)
+    state = trainer.init(config.seed)
+    n_params = count_params(state.params)
+    rng = np.random.default_rng(0)
+    shape = (k, config.gradient_accumulation_steps, config.batch_size, config.block_size)
+    batches = [(_random_tokens(rng, shape, vocab), _random_tokens(rng, shape, vocab)) for _ in range(4)]
+    t0 = time.perf_counter()
+    state, m = trainer.train_steps(state, *batches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    calls = max(iters // k, 1)
+    times = []
+    for i in range(warmup // k + 1 + calls):
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        state, m = trainer.train_steps(state, x, y)
+        np.asarray(m["loss"])  # the loop fetches the losses every call too
+        times.append((time.perf_counter() - t0) / k)
+    dt = statistics.median(times[-calls:])
+    tokens = config.gradient_accumulation_steps * config.batch_size * config.block_size
+    flops = flops_per_token(trainer.model_config, n_params, config.block_size) * tokens
+    peak = config.peak_flops or measure_peak_flops()
+    return {"config": config.config_name, "steps_per_call": k, "ms_per_iter": dt * 1e3,
+            "tokens_per_sec": tokens / dt, "mfu": flops / dt / peak, "peak_gflops": peak / 1e9,
+            "first_call_s": compile_s, "n_params": n_params}
+
+
+def bench_sample(config, vocab: int, new_tokens: int) -> dict:
+    """Tokens/s of KV-cached decoding vs nanoGPT-style full recompute, compile time apart."""
+    trainer = train_lib.make_trainer(config, vocab)
+    params = trainer.init(config.seed).params
+    mcfg = trainer.model_config
+    prompt_len = 6
+    new_tokens = new_tokens or config.block_size - prompt_len
+    context = jnp.asarray(_random_tokens(np.random.default_rng(0), (1, prompt_len), vocab))
+    rows = []
+    variants = [("kv cache", dict(use_cache=True)), ("full recompute (nanoGPT)", dict(use_cache=False))]
+    past = 2 * config.block_size  # past the window: exact recompute vs half-window refill
+    variants_past = [("past window: exact", dict(window="exact")), ("past window: half refill", dict(window="half"))]
+    for name, kw, n in [(n, kw, new_tokens) for n, kw in variants] + [(n, kw, past) for n, kw in variants_past]:
+        run = lambda: generate_tokens(params, context, jax.random.PRNGKey(0), config=mcfg, max_new_tokens=n,  # noqa: E731
+                                      temperature=1.0, top_k=0, **kw).block_until_ready()
+        t0 = time.perf_counter()
+        run()
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        rows.append({"variant": name, "new_tokens": n, "tokens_per_sec": n / min(times),
+                     "first_call_s": compile_s})
+    return {"config": config.config_name, "block_size": config.block_size, "rows": rows,
+            "kv_speedup": rows[0]["tokens_per_sec"] / rows[1]["tokens_per_sec"]}
+
+
+def bench_attention(config, seqs, impls, iters: int, max_interpret_seq: int) -> dict:
+    """Forward and forward+backward time and compiled temp memory per implementation and length."""
+    from kernels import attention  # noqa: PLC0415
+
+    heads, head_dim = config.n_head, config.n_embd // config.n_head
+    rows = []
+    on_cpu = jax.default_backend() == "cpu"
+    for seq in seqs:
+        key = jax.random.PRNGKey(seq)
+        q, k, v = jax.random.normal(key, (3, 1, seq, heads, head_dim), jnp.float32)
+        for impl in impls:
+            if impl == "pallas" and on_cpu and seq > max_interpret_seq:
+                continue
+            fwd = jax.jit(lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
+            loss = lambda q, k, v, impl=impl: attention(q, k, v, impl=impl).sum()  # noqa: E731
+            bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            row = {"impl": impl, "seq": seq}
+            for name, f in (("fwd", fwd), ("fwd_bwd", bwd)):
+                compiled = f.lower(q, k, v).compile()
+                mem = compiled.memory_analysis()
+                row[f"{name}_temp_mb"] = mem.temp_size_in_bytes / 2**20 if mem is not None else None
+                jax.block_until_ready(f(q, k, v))
+                times = []
+                for _ in range(max(iters // 10, 2) if impl == "pallas" and on_cpu else iters):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(f(q, k, v))
+                    times.append(time.perf_counter() - t0)
+                row[f"{name}_ms"] = statistics.median(times) * 1e3
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    return {"backend": jax.default_backend(), "heads": heads, "head_dim": head_dim, "rows": rows,
+            "interpret_mode": on_cpu}
+
+
+def _format_row(row: dict) -> str:
+    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def _plot_attention(result: dict, path: str) -> None:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for impl in sorted({r["impl"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["impl"] == impl]
+        axes[0].loglog([r["seq"] for r in rows], [r["fwd_bwd_ms"] for r in rows], "o-", label=impl)
+        axes[1].loglog([r["seq"] for r in rows], [r["fwd_bwd_temp_mb"] for r in rows], "o-", label=impl)
+    axes[0].set(xlabel="seq", ylabel="fwd+bwd ms", title=f"time ({result['backend']})")
+    axes[1].set(xlabel="seq", ylabel="temp MB", title="compiled temporary memory")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    what = _WHAT.value
+    if what == "train":
+        result = bench_train(config, _ITERS.value, _WARMUP.value, _VOCAB.value)
+        print(f"train {result['config']}: {result['ms_per_iter']:.2f} ms/iter (median), "
+              f"{result['tokens_per_sec']:,.0f} tok/s, MFU {result['mfu'] * 100:.1f}% of "
+              f"{result['peak_gflops']:.0f} GFLOP/s, first call {result['first_call_s']:.2f} s, "
+              f"{result['steps_per_call']} steps per call")
+    elif what == "sample":
+        result = bench_sample(config, _VOCAB.value, _NEW_TOKENS.value)
+        for r in result["rows"]:
+            print(f"{r['variant']:<28} {r['new_tokens']:>5} tokens  {r['tokens_per_sec']:>10,.1f} tok/s  "
+                  f"first call {r['first_call_s']:.2f} s")
+        print(f"KV cache speed-up inside the window: {result['kv_speedup']:.1f}x")
+    else:
+        result = bench_attention(config, [int(s) for s in _SEQS.value], _IMPLS.value, _ITERS.value,
+                                 _MAX_PALLAS_SEQ.value)
+    path = _JSON.value or os.path.join("bench-results", f"{what}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    if what == "attention" and _PLOT.value:
+        png = os.path.splitext(path)[0] + ".png"
+        _plot_attention(result, png)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
