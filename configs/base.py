@@ -50,8 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     # system
     c.seed = 1337
     c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    c.fsdp = False  # several devices: shard params + optimizer state over them (ZeRO-3), not replicate
     c.peak_flops = 0.0  # for MFU; 0: measure this device's float32 matmul rate at start-up
-    c.steps_per_call = 0  # optimizer steps per jitted call (lax.scan); 0: choose automatically
+    c.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over prefetched batches)
     # sampling (--mode=sample)
     c.sample = ml_collections.ConfigDict()
     c.sample.start = "\n"  # text, or FILE:path to read the prompt from a file

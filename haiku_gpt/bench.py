@@ -54,7 +54,7 @@ def _random_tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
 def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
     """ms/iter of the jitted train step (median), tokens/s, MFU, first-call (compile) time."""
     trainer = train_lib.make_trainer(config, vocab)
-    k = train_lib.steps_per_call(config)
+    k = config.steps_per_call
     state = trainer.init(config.seed)
     n_params = count_params(state.params)
     rng = np.random.default_rng(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from haiku_gpt.errors import UserError
@@ -10,6 +12,8 @@ from kernels import ATTENTION_IMPLS, check_attention_impl
 
 DTYPES = ("float32", "bfloat16")
 INIT_FROM = ("scratch", "resume")
+# OpenAI's GPT-2 checkpoints on the Hugging Face Hub (haiku_gpt/pretrained.py); a local directory works too.
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 SAMPLE_WINDOWS = ("exact", "half")
 # Fields that fix the parameter shapes: a checkpoint must agree on all of them.
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
@@ -21,8 +25,9 @@ def padded_vocab_size(meta: dict, requested: int = 0) -> int:
     if requested:
         if requested < vocab:
             raise UserError(
-                f"--config.vocab_size={requested} is smaller than the dataset's vocabulary ({vocab}); "
-                f"leave it at 0 to take the dataset's size.")
+                f"vocab_size={requested} (--config.vocab_size, or a pretrained checkpoint's) is smaller than "
+                f"the dataset's vocabulary ({vocab}): leave --config.vocab_size at 0 to take the dataset's "
+                f"size, or pick a dataset whose tokenizer fits the pretrained model.")
         return requested
     if meta.get("tokenizer") == "gpt2":
         return -(-vocab // 64) * 64
@@ -49,16 +54,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad(f"{e}.")
     if config.dtype not in DTYPES:
         bad(f"--config.dtype={config.dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
-    if config.init_from not in INIT_FROM:
-        bad(f"--config.init_from={config.init_from!r} is not one of {', '.join(INIT_FROM)}.")
+    if config.init_from not in INIT_FROM + GPT2_NAMES and not os.path.isdir(os.path.expanduser(config.init_from)):
+        bad(f"--config.init_from={config.init_from!r} is not one of {', '.join(INIT_FROM + GPT2_NAMES)}, nor a "
+            "directory holding a pretrained GPT-2 (config.json and model.safetensors).")
     if config.max_iters < 0:
         bad(f"--config.max_iters={config.max_iters} must be >= 0.")
     if config.learning_rate <= 0 or config.min_lr < 0:
         bad("--config.learning_rate must be > 0 and --config.min_lr >= 0.")
     if config.keep_checkpoints < 1:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
-    if config.steps_per_call < 0:
-        bad(f"--config.steps_per_call={config.steps_per_call} must be >= 0 (0 chooses automatically).")
+    if config.steps_per_call < 1:
+        bad(f"--config.steps_per_call={config.steps_per_call} must be >= 1.")
 
 
 def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:
@@ -92,5 +98,5 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-__all__ = ["ATTENTION_IMPLS", "MODEL_FIELDS", "model_config", "padded_vocab_size", "validate",
+__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "model_config", "padded_vocab_size", "validate",
            "validate_sample"]

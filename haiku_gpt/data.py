@@ -61,9 +61,16 @@ def batch_rng(seed: int, split: str, step: int, process_index: int = 0) -> np.ra
 
 
 def sample_batch(
-    tokens: np.ndarray, rng: np.random.Generator, batch_shape: tuple[int, ...], block_size: int
+    tokens: np.ndarray, rng: np.random.Generator, batch_shape: tuple[int, ...], block_size: int,
+    rows: slice | None = None,
 ) -> tuple[Int[np.ndarray, "*batch T"], Int[np.ndarray, "*batch T"]]:
-    """Random windows: x = tokens[i : i+T], y = tokens[i+1 : i+1+T] (nanoGPT's get_batch)."""
+    """Random windows: x = tokens[i : i+T], y = tokens[i+1 : i+1+T] (nanoGPT's get_batch).
+
+    `rows` keeps only those rows of the last batch axis: the offsets of the whole batch are drawn
+    (so the draw is the same for every process), the windows of the other rows are never read.
+    """
     starts = rng.integers(0, len(tokens) - block_size, size=batch_shape)
+    if rows is not None:
+        starts = starts[..., rows]
     windows = tokens[starts[..., None] + np.arange(block_size + 1)].astype(np.int32)
     return windows[..., :-1], windows[..., 1:]

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import chex
 import haiku as hk
@@ -26,7 +26,7 @@ import optax
 from jaxtyping import Array, Float, Int
 from tqdm import tqdm
 
-from haiku_gpt import checkpoint
+from haiku_gpt import checkpoint, distributed, pretrained
 from haiku_gpt.config import MODEL_FIELDS, model_config, padded_vocab_size, validate
 from haiku_gpt.data import Dataset, batch_rng, open_dataset, sample_batch
 from haiku_gpt.errors import UserError
@@ -53,6 +53,22 @@ class Trainer:
     init: Callable
     train_steps: Callable  # (state, x[K,A,B,T], y[K,A,B,T]) -> (state, {"loss": [K], "lr": [K]})
     eval_losses: Callable  # (params, x[E,B,T], y[E,B,T]) -> [E] losses
+    parallel: distributed.DataParallel | None = None  # several devices: the mesh (None on one device)
+    state_shardings: Any = None  # TrainingState of NamedShardings, with `parallel`
+
+    def place(self, state: TrainingState) -> TrainingState:
+        """Lay a state of full arrays (scratch, restored or loaded) out on the mesh; as is on one device."""
+        return state if self.parallel is None else self.parallel.put(state, self.state_shardings)
+
+    def local_rows(self) -> slice | None:
+        """The rows of the global batch this process feeds (None: all of them, on one device)."""
+        return None if self.parallel is None else self.parallel.local_rows(self.config.batch_size)
+
+    def shard_batch(self, *arrays: np.ndarray):
+        """This process's rows [..., local, T] -> global arrays [..., batch_size, T] (as is on one device)."""
+        if self.parallel is None:
+            return arrays
+        return tuple(self.parallel.global_batch(a, self.config.batch_size) for a in arrays)
 
     @property
     def compute_dtype(self):
@@ -77,6 +93,7 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     loss_fn = make_loss_fn(model, compute_dtype)
     accum = config.gradient_accumulation_steps
+    parallel = distributed.make_data_parallel(config)  # None on one device: nothing below is sharded
 
     # Initialise without the attention cross-check: same parameters, and init may run
     # abstractly (jax.eval_shape), where chex's value assertions cannot.
@@ -86,6 +103,8 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
         params = init_model.init(init_rng, jnp.zeros((1, mcfg.block_size), jnp.int32))
         return TrainingState(params, optimizer.init(params), jnp.zeros((), jnp.int32), train_rng)
+
+    state_shardings = None if parallel is None else parallel.state_shardings(jax.eval_shape(init, config.seed))
 
     def one_step(state: TrainingState, batch) -> tuple[TrainingState, dict]:
         x, y = batch  # [A, B, T] each: A micro-batches of gradient accumulation
@@ -104,7 +123,10 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "lr": schedule(state.step)}
-        return TrainingState(params, opt_state, state.step + 1, rng), metrics
+        new_state = TrainingState(params, opt_state, state.step + 1, rng)
+        if parallel is not None:  # keep the scan's carry laid out as the state (fsdp: sharded)
+            new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
+        return new_state, metrics
 
     def train_steps(state, x, y):
         return jax.lax.scan(one_step, state, (x, y))
@@ -115,10 +137,12 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     init_jit = jax.jit(init, static_argnums=0)
     train_steps_jit = jax.jit(train_steps, donate_argnums=0)
     eval_jit = jax.jit(eval_losses)
+    if parallel is not None:  # the same functions with NamedSharding in/out shardings (distributed.py)
+        init_jit, train_steps_jit, eval_jit = parallel.jit(init, train_steps, eval_losses, state_shardings)
     if config.check_attention:
         # chex value assertions inside jit need chexify; synchronous so a mismatch stops the step.
         train_steps_jit, eval_jit = (chex.chexify(f, async_check=False) for f in (train_steps_jit, eval_jit))
-    return Trainer(config, mcfg, model, optimizer, init_jit, train_steps_jit, eval_jit)
+    return Trainer(config, mcfg, model, optimizer, init_jit, train_steps_jit, eval_jit, parallel, state_shardings)
 
 
 def estimate_loss(trainer: Trainer, params, dataset: Dataset, step: int) -> dict[str, float]:
@@ -127,7 +151,8 @@ def estimate_loss(trainer: Trainer, params, dataset: Dataset, step: int) -> dict
     out = {}
     for split, tokens in dataset.splits.items():
         rng = batch_rng(cfg.seed + 1, split, step)  # eval draws never disturb the training stream
-        x, y = sample_batch(tokens, rng, (cfg.eval_iters, cfg.batch_size), cfg.block_size)
+        x, y = sample_batch(tokens, rng, (cfg.eval_iters, cfg.batch_size), cfg.block_size, rows=trainer.local_rows())
+        x, y = trainer.shard_batch(x, y)
         out[split] = float(jnp.mean(trainer.eval_losses(params, x, y)))
     return out
 
@@ -190,11 +215,10 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def steps_per_call(config: ml_collections.ConfigDict) -> int:
-    """Several optimizer steps per jitted call amortise dispatch; logging needs the per-step losses only."""
-    if config.steps_per_call:
-        return config.steps_per_call
-    return 1
+def _compiled_variants(fn) -> int | None:
+    """How many executables a jitted function holds (None when it is wrapped, e.g. by chexify)."""
+    cache_size = getattr(fn, "_cache_size", None)
+    return cache_size() if callable(cache_size) else None
 
 
 def ensure_writable(out_dir: str) -> None:
@@ -212,30 +236,37 @@ def ensure_writable(out_dir: str) -> None:
 def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
     """Train as nanoGPT's train.py does; returns a summary (final losses, timings)."""
     validate(config)
+    config = pretrained.effective_config(config, log)  # init_from=gpt2*: the checkpoint's model shape
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
     vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
     trainer = make_trainer(config, vocab_size)
     ensure_writable(config.out_dir)
+    main = distributed.is_main_process()  # only process 0 logs and writes metrics, plots and checkpoints
+    if not main:
+        log = _quiet
 
     best_val_loss = math.inf
     if config.init_from == "resume":
         state, meta = restore(trainer, dataset, vocab_size, log)
         best_val_loss = meta.get("best_val_loss") or math.inf
         log(f"resuming from step {int(state.step)} in {config.out_dir}")
+    elif pretrained.is_pretrained(config.init_from):
+        state = pretrained.init_state(trainer, config, log)
     else:
         state = trainer.init(config.seed)
+    state = trainer.place(state)  # several devices: shard/replicate over the mesh (a no-op on one)
     n_params = count_params(state.params)
     log(f"number of parameters: {n_params / 1e6:.2f}M")
 
     mcfg = trainer.model_config
     tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * config.block_size
     flops_per_iter = flops_per_token(mcfg, n_params, config.block_size) * tokens_per_iter
-    peak = config.peak_flops or measure_peak_flops()
+    peak = (config.peak_flops or measure_peak_flops()) * jax.device_count()  # per device x devices
     log(f"tokens per iteration: {tokens_per_iter:,}; MFU against {peak / 1e9:.0f} GFLOP/s "
         f"({'configured' if config.peak_flops else 'measured float32 matmul'})")
 
-    metrics = MetricsWriter(config.out_dir)
-    k_steps = steps_per_call(config)
+    metrics = MetricsWriter(config.out_dir, enabled=main)
+    k_steps = config.steps_per_call  # steps per jitted call (lax.scan); every step's loss is still logged
     batch_shape = (config.gradient_accumulation_steps, config.batch_size)
     step = int(state.step)
     summary = {"n_params": n_params}
@@ -246,7 +277,8 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
         losses = estimate_loss(trainer, state.params, dataset, step)
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         metrics.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-        plot_losses(config.out_dir, metrics.read())
+        if main:
+            plot_losses(config.out_dir, metrics.read())
         summary.update(train_loss=losses["train"], val_loss=losses["val"])
         improved = losses["val"] < best_val_loss
         if improved or config.always_save_checkpoint:
@@ -256,12 +288,15 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
 
     def save_checkpoint(step: int, state: TrainingState, val_loss: float | None = None) -> None:
         meta = checkpoint_meta(config, dataset, vocab_size, best_val_loss=best_val_loss, val_loss=val_loss)
-        path = checkpoint.save(config.out_dir, step, state, meta, config.keep_checkpoints)
-        log(f"saved checkpoint {path}")
+        state = distributed.to_host(state)  # several processes: every one takes part in the gather
+        if main:
+            path = checkpoint.save(config.out_dir, step, state, meta, config.keep_checkpoints)
+            log(f"saved checkpoint {path}")
+        distributed.barrier("checkpoint saved")
 
-    with _StopRequest() as stop, tqdm(total=config.max_iters, initial=step, disable=None, leave=False,
+    with _StopRequest() as stop, tqdm(total=config.max_iters, initial=step, disable=None if main else True, leave=False,
                                        unit="step") as bar:
-        compile_seconds = None
+        compile_seconds, scan_lengths, warned_recompile = None, set(), False
         emit = log if bar.disable else tqdm.write  # keep log lines above a live progress bar
         while True:
             if step % config.eval_interval == 0 or step == config.max_iters:
@@ -272,7 +307,9 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
                 break
             next_eval = min((step // config.eval_interval + 1) * config.eval_interval, config.max_iters)
             k = k_steps if next_eval - step >= k_steps else 1
-            x, y = sample_batches(dataset.splits["train"], config.seed, step, k, batch_shape, config.block_size)
+            x, y = sample_batches(dataset.splits["train"], config.seed, step, k, batch_shape, config.block_size,
+                                  rows=trainer.local_rows())
+            x, y = trainer.shard_batch(x, y)  # several devices: one global array from each process's rows
             t0 = time.perf_counter()
             state, step_metrics = trainer.train_steps(state, x, y)
             losses = np.asarray(step_metrics["loss"])  # waits for the step: dt covers the real work
@@ -283,6 +320,13 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
                 summary["first_call_seconds"] = compile_seconds
             else:
                 dts.append(dt)
+            scan_lengths.add(k)
+            variants = _compiled_variants(trainer.train_steps)
+            if variants is not None and variants > len(scan_lengths) and not warned_recompile:
+                warned_recompile = True
+                log(f"warning: the train step was compiled again at step {step} ({variants} versions for "
+                    f"{len(scan_lengths)} scan lengths): an input changed shape or dtype; every "
+                    "recompilation costs seconds")
             for i in range(k):
                 if not np.isfinite(losses[i]):
                     raise UserError(
@@ -302,7 +346,8 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
                          f"{rec['tokens_per_sec']:,.0f} tok/s, mfu {mfu * 100:.2f}%")
             step += k
             bar.update(k)
-            if stop.signal:
+            if distributed.any_process(stop.signal is not None):  # several processes stop together
+                stop.signal = stop.signal or "a signal to another process"
                 save_checkpoint(step, state)
                 log(f"stopped by {stop.signal} at step {step}; resume with --config.init_from=resume")
                 summary["interrupted"] = stop.signal
@@ -326,12 +371,17 @@ def sample_batches(tokens: np.ndarray, seed: int, step: int, k: int, batch_shape
 def evaluate_checkpoint(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
     """--mode=eval: train/val loss of out_dir's newest checkpoint, printed and recorded."""
     validate(config)
+    config = pretrained.effective_config(config, log)
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
     vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
     trainer = make_trainer(config, vocab_size)
-    state, meta = restore(trainer, dataset, vocab_size, log)
-    step = int(meta["step"])
-    losses = estimate_loss(trainer, state.params, dataset, step)
+    from_pretrained = pretrained.is_pretrained(config.init_from)
+    if from_pretrained:  # the pretrained model itself, not a run: nothing is recorded in out_dir
+        params, step = pretrained.load_model_params(trainer, config, log), 0
+    else:
+        state, meta = restore(trainer, dataset, vocab_size, log)
+        params, step = state.params, int(meta["step"])
+    losses = estimate_loss(trainer, params, dataset, step)
     log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    MetricsWriter(config.out_dir).write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+    MetricsWriter(config.out_dir, enabled=not from_pretrained).write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
     return losses

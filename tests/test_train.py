@@ -170,3 +170,17 @@ def test_check_attention_runs_both_paths(tiny_config):
     tiny_config.max_iters = 3
     summary = train.train(tiny_config, log=lambda s: None)
     assert summary["step"] == 3
+
+
+def test_steps_per_call_gives_the_same_run_without_recompiling(tiny_config, tmp_path):
+    tiny_config.check_attention = False
+    train.train(tiny_config, log=lambda s: None)
+    single = [r for r in read_metrics(tiny_config.out_dir) if "loss" in r]
+    tiny_config.out_dir = str(tmp_path / "scanned")
+    tiny_config.steps_per_call = 3  # 10-step eval intervals: scans of 3 and single steps
+    lines = []
+    train.train(tiny_config, log=lines.append)
+    scanned = [r for r in read_metrics(tiny_config.out_dir) if "loss" in r]
+    assert [r["step"] for r in scanned] == [r["step"] for r in single]
+    np.testing.assert_allclose([r["loss"] for r in scanned], [r["loss"] for r in single], rtol=1e-6)
+    assert not [line for line in lines if "compiled again" in line]
