@@ -9,6 +9,7 @@ the `haiku_gpt` package anyway.
 """
 
 import os
+import signal
 import sys
 
 from haiku_gpt.system import tune_allocator
@@ -24,25 +25,50 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Path to a config file (configs/*.py); override fields with --config.<field>=<value>.",
     lock_config=True)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "sample", "eval"],
+    "mode", "train", ["train", "sample", "eval", "check"],
     "train: train (or resume) a model; sample: generate text from out_dir's checkpoint; "
-    "eval: train/val loss of out_dir's checkpoint.")
+    "eval: train/val loss of out_dir's checkpoint; check: the preflight only (shapes, parameters, "
+    "FLOPs and memory of the train step against the device's), printed as a table.")
+# Multi-host training (jax.distributed). Left out: taken from a cluster launcher when there is one
+# (SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS), else this is a single-process run.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-host: HOST:PORT of process 0, the same on every process (with --num_processes, --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
 
 
 def _run(mode, config):
-    from haiku_gpt import prepare, sample, train  # noqa: PLC0415 (after flags are parsed)
+    from haiku_gpt import distributed, preflight, prepare, sample, train  # noqa: PLC0415 (after flags are parsed)
 
-    print(f"config: {config.config_name}; mode: {mode}", flush=True)
-    if mode == "train":
+    main = distributed.is_main_process()  # several processes: only process 0 prints
+    if main:
+        print(f"config: {config.config_name}; mode: {mode}", flush=True)
+    if mode in ("train", "check"):
         prepare.ensure_prepared(os.path.join(config.data_dir, config.dataset), config.dataset)
+    if mode == "check":
+        preflight.check(config, log=print if main else (lambda message: None))
+    elif mode == "train":
+        # Shapes and memory first: a config that cannot work is refused before anything is allocated.
+        preflight.run(config, log=print if main else None)
         summary = train.train(config)
-        if "ms_per_iter_median" in summary:
+        if "ms_per_iter_median" in summary and main:
             print(f"done: step {summary['step']}, val loss {summary.get('val_loss', float('nan')):.4f}, "
                   f"median {summary['ms_per_iter_median']:.2f} ms/iter, mfu {summary['mfu_median'] * 100:.1f}%")
+        if summary.get("interrupted"):  # stopped by Ctrl-C/SIGTERM, checkpoint saved: not a finished run
+            signum = getattr(signal.Signals, str(summary["interrupted"]), signal.SIGINT)
+            sys.exit(128 + int(signum))
     elif mode == "sample":
         sample.sample_from_checkpoint(config)
     elif mode == "eval":
         train.evaluate_checkpoint(config)
+
+
+def _start_processes():
+    """jax.distributed first, before JAX touches a device (a no-op for a single-process run)."""
+    from haiku_gpt import distributed  # noqa: PLC0415
+
+    distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
 def _parse_flags(argv):
@@ -84,9 +110,13 @@ def main(argv):
     except Exception as e:  # noqa: BLE001 (ml_collections loads the file lazily)
         _exit_with(_config_file_problem(e))
     try:
+        _start_processes()
         _run(_MODE.value, config)
     except UserError as e:
         _exit_with(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops cleanly itself)
+        print(f"interrupted (--mode={_MODE.value}): nothing was saved.", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     finally:
         if config.check_attention:  # settle chex's jitted attention checks before exiting
             import chex  # noqa: PLC0415

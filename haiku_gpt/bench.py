@@ -34,7 +34,7 @@ from haiku_gpt.sample import generate_tokens  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
-_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention"], "What to benchmark.")
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt"], "What to benchmark.")
 _ITERS = flags.DEFINE_integer("iters", 50, "Timed iterations (train) / repetitions (attention).")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed iterations after compilation.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary size (no dataset is read: random tokens).")
@@ -45,6 +45,11 @@ _MAX_PALLAS_SEQ = flags.DEFINE_integer("max_interpret_seq", 1024,
                                        "attention: longest seq for pallas in (slow) interpret mode on CPU.")
 _PLOT = flags.DEFINE_bool("plot", False, "attention: also write a PNG of the table (needs matplotlib).")
 _JSON = flags.DEFINE_string("json_out", None, "Where to write the JSON results.")
+_NANOGPT = flags.DEFINE_string("nanogpt_dir", None, "nanogpt: a local checkout of karpathy/nanoGPT.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "nanogpt: interleaved rounds of (haiku_gpt, nanoGPT, nanoGPT+allocator).")
+
+# glibc settings equivalent to haiku_gpt.system.tune_allocator, for the "same allocator tuning" baseline.
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
 
 def _random_tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
@@ -144,6 +149,88 @@ def bench_attention(config, seqs, impls, iters: int, max_interpret_seq: int) -> 
             "interpret_mode": on_cpu}
 
 
+def _nanogpt_data_dir(nanogpt_dir: str, config) -> None:
+    """nanoGPT reads data/<dataset>/{train,val}.bin and meta.pkl from its cwd: link ours there."""
+    import pickle  # noqa: PLC0415
+
+    from haiku_gpt.tokenizer import read_meta  # noqa: PLC0415
+
+    ours = os.path.abspath(os.path.join(config.data_dir, config.dataset))
+    theirs = os.path.join(nanogpt_dir, "data", config.dataset)
+    os.makedirs(theirs, exist_ok=True)
+    for split in ("train", "val"):
+        link = os.path.join(theirs, f"{split}.bin")
+        if not os.path.exists(link):
+            os.symlink(os.path.join(ours, f"{split}.bin"), link)
+    meta = read_meta(ours)
+    if meta["tokenizer"] == "char" and not os.path.exists(os.path.join(theirs, "meta.pkl")):
+        itos = dict(enumerate(meta["itos"]))
+        with open(os.path.join(theirs, "meta.pkl"), "wb") as f:
+            pickle.dump({"vocab_size": meta["vocab_size"], "itos": itos,
+                         "stoi": {c: i for i, c in itos.items()}}, f)
+
+
+def _run_nanogpt(nanogpt_dir: str, config, iters: int, env_extra: dict) -> float:
+    """Median ms/iter of nanoGPT's train.py with the config's settings (first 5 iterations dropped)."""
+    import re  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    c = config
+    args = ["train.py", f"--dataset={c.dataset}", "--device=cpu", "--compile=False", "--eval_iters=1",
+            "--log_interval=1", f"--block_size={c.block_size}", f"--batch_size={c.batch_size}",
+            f"--gradient_accumulation_steps={c.gradient_accumulation_steps}",
+            f"--n_layer={c.n_layer}", f"--n_head={c.n_head}", f"--n_embd={c.n_embd}", f"--dropout={c.dropout}",
+            f"--bias={c.bias}", f"--learning_rate={c.learning_rate}", f"--max_iters={iters + 5}",
+            f"--lr_decay_iters={c.lr_decay_iters}", f"--warmup_iters={c.warmup_iters}", f"--beta2={c.beta2}",
+            "--eval_interval=1000000", "--always_save_checkpoint=False", "--wandb_log=False"]
+    threads = str(os.cpu_count())
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **env_extra)
+    with tempfile.TemporaryDirectory() as out:
+        result = subprocess.run([sys.executable, *args, f"--out_dir={out}"], cwd=nanogpt_dir, env=env,
+                                capture_output=True, text=True, check=False)
+    times = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", result.stdout, re.M)]
+    if result.returncode != 0 or len(times) < 6:
+        raise SystemExit(f"nanoGPT failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return statistics.median(times[5:])
+
+
+def bench_nanogpt(config, nanogpt_dir: str, iters: int, rounds: int) -> dict:
+    """haiku_gpt vs nanoGPT (plain, and with haiku_gpt's allocator tuning), interleaved in one run."""
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    _nanogpt_data_dir(nanogpt_dir, config)
+    overrides = [f"--config.{k}={config[k]}" for k in ("data_dir", "dataset", "batch_size", "block_size",
+                                                        "n_layer", "n_head", "n_embd", "dropout", "dtype",
+                                                        "attention_impl", "steps_per_call")]
+    results = {"haiku_gpt": [], "nanogpt": [], "nanogpt_allocator_tuned": []}
+    for r in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "train.json")
+            subprocess.run([sys.executable, "-m", "haiku_gpt.bench", "--what=train", f"--config={_config_path()}",
+                            *overrides, f"--iters={iters}", f"--json_out={out}"], check=True,
+                           capture_output=True)
+            with open(out) as f:
+                results["haiku_gpt"].append(json.load(f)["ms_per_iter"])
+        results["nanogpt"].append(_run_nanogpt(nanogpt_dir, config, iters, {}))
+        results["nanogpt_allocator_tuned"].append(_run_nanogpt(nanogpt_dir, config, iters, ALLOCATOR_ENV))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} ms/iter" for k, v in results.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {"config": config.config_name, "iters": iters, "rounds": results, "median_ms_per_iter": med,
+            "speedup_vs_nanogpt": med["nanogpt"] / med["haiku_gpt"],
+            "speedup_vs_nanogpt_allocator_tuned": med["nanogpt_allocator_tuned"] / med["haiku_gpt"]}
+
+
+def _config_path() -> str:
+    for i, arg in enumerate(sys.argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+    return "configs/shakespeare_char_cpu.py"
+
+
 def _format_row(row: dict) -> str:
     return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
@@ -184,6 +271,14 @@ def main(argv):
             print(f"{r['variant']:<28} {r['new_tokens']:>5} tokens  {r['tokens_per_sec']:>10,.1f} tok/s  "
                   f"first call {r['first_call_s']:.2f} s")
         print(f"KV cache speed-up inside the window: {result['kv_speedup']:.1f}x")
+    elif what == "nanogpt":
+        if not _NANOGPT.value:
+            raise app.UsageError("--what=nanogpt needs --nanogpt_dir=PATH/to/a/nanoGPT/checkout")
+        result = bench_nanogpt(config, _NANOGPT.value, _ITERS.value, _ROUNDS.value)
+        med = result["median_ms_per_iter"]
+        print(f"median ms/iter: haiku_gpt {med['haiku_gpt']:.2f}, nanoGPT {med['nanogpt']:.2f} "
+              f"({result['speedup_vs_nanogpt']:.2f}x), nanoGPT + allocator tuning "
+              f"{med['nanogpt_allocator_tuned']:.2f} ({result['speedup_vs_nanogpt_allocator_tuned']:.2f}x)")
     else:
         result = bench_attention(config, [int(s) for s in _SEQS.value], _IMPLS.value, _ITERS.value,
                                  _MAX_PALLAS_SEQ.value)

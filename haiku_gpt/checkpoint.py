@@ -3,7 +3,8 @@
 Layout: `out_dir/checkpoints/step_00001000/{state.npz, meta.json}`. A checkpoint
 is written to a hidden temporary directory, fsynced, then renamed: a crash at
 any moment (even `kill -9` mid-write) leaves at most a stray temporary
-directory, never a half-written checkpoint under a real name. `meta.json`
+directory (ignored, and removed by the next save), never a half-written
+checkpoint under a real name. `meta.json`
 holds a sha256 of `state.npz`, so a file damaged later is detected and the
 loader falls back to the previous checkpoint. The newest `keep` checkpoints are
 kept, plus the one with the best validation loss.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -26,6 +28,8 @@ import numpy as np
 from haiku_gpt.errors import UserError
 
 _PREFIX = "step_"
+_NAME = re.compile(r"step_\d{8,}")  # step_00001000; not .tmp-step_* or step_*.old-PID leftovers
+_LEFTOVER = re.compile(r"(?:\.tmp-step_\d+|step_\d+\.old)-(\d+)")  # from a writer that died mid-save
 
 
 def _checkpoint_root(out_dir: str) -> str:
@@ -53,17 +57,35 @@ def list_checkpoints(out_dir: str) -> list[str]:
     root = _checkpoint_root(out_dir)
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if n.startswith(_PREFIX))
+    names = sorted((n for n in os.listdir(root) if _NAME.fullmatch(n)), key=lambda n: int(n[len(_PREFIX):]))
     return [os.path.join(root, n) for n in names]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists
+        return True
+    return True
+
+
+def _remove_leftovers(root: str) -> None:
+    """Temporary directories of writers that died mid-save (kill -9, power loss): never a checkpoint."""
+    for name in os.listdir(root):
+        m = _LEFTOVER.fullmatch(name)
+        if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def save(out_dir: str, step: int, state, meta: dict, keep: int) -> str:
     """Write `state` (any pytree of arrays) and `meta` (JSON-able) as the checkpoint of `step`."""
     root = _checkpoint_root(out_dir)
     os.makedirs(root, exist_ok=True)
+    _remove_leftovers(root)
     final = os.path.join(root, f"{_PREFIX}{step:08d}")
     tmp = os.path.join(root, f".tmp-{_PREFIX}{step:08d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
     state_file = os.path.join(tmp, "state.npz")

@@ -106,9 +106,13 @@ def any_process(flag: bool) -> bool:
 
 
 def to_host(tree):
-    """Full numpy arrays of `tree` on every process (a collective when arrays span processes)."""
+    """Full numpy arrays of `tree` on every process (a collective when arrays span processes).
+
+    With one process the tree is returned as it is: `jax.device_get` (as checkpoint.save does) fetches
+    sharded arrays whole.
+    """
     if jax.process_count() == 1:
-        return jax.device_get(tree)
+        return tree
     from jax.experimental import multihost_utils  # noqa: PLC0415
     return multihost_utils.process_allgather(tree, tiled=True)
 
@@ -155,8 +159,24 @@ class DataParallel:
         """Token batches [..., batch, T]: the batch axis (second to last) split over 'data'."""
         return NamedSharding(self.mesh, PartitionSpec(*([None] * (ndim - 2)), DATA_AXIS, None))
 
+    def describe(self, batch_size: int) -> str:
+        n = self.num_shards
+        return (f"data parallel over {n} devices ({jax.process_count()} process(es)): global batch "
+                f"{batch_size}, {batch_size // n} rows per device; params and optimizer state "
+                f"{'sharded (fsdp)' if self.fsdp else 'replicated'}")
+
+    def check_batch_size(self, batch_size: int) -> None:
+        n = self.num_shards
+        if batch_size % n:
+            up = -(-batch_size // n) * n
+            raise UserError(
+                f"--config.batch_size={batch_size} is the global batch and must be divisible by the "
+                f"{n} devices it is split over ({jax.process_count()} process(es) x "
+                f"{jax.local_device_count()} devices): use a multiple of {n}, e.g. --config.batch_size={up}.")
+
     def local_rows(self, batch_size: int) -> slice:
         """The rows of a global batch of `batch_size` that this process's devices hold."""
+        self.check_batch_size(batch_size)
         index_map = self.batch_sharding(2).addressable_devices_indices_map((batch_size, 1))
         rows = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
                        for s in index_map.values()})
@@ -195,18 +215,17 @@ class DataParallel:
 
 
 def make_data_parallel(config) -> DataParallel | None:
-    """The run's mesh, or None on a single device (then nothing is sharded: today's exact code path)."""
+    """The run's mesh, or None on a single device (then nothing is sharded: today's exact code path).
+
+    The global batch must split evenly over the devices: a UserError says so otherwise.
+    """
     n = jax.device_count()
     if n == 1:
         return None
-    if config.batch_size % n:
-        up = -(-config.batch_size // n) * n
-        raise UserError(
-            f"--config.batch_size={config.batch_size} is the global batch and must be divisible by the "
-            f"{n} devices it is split over ({jax.process_count()} process(es) x {jax.local_device_count()} "
-            f"devices): use a multiple of {n}, e.g. --config.batch_size={up}.")
     mesh = jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,))
-    return DataParallel(mesh, fsdp=bool(config.get("fsdp", False)))
+    parallel = DataParallel(mesh, fsdp=bool(config.get("fsdp", False)))
+    parallel.check_batch_size(config.batch_size)
+    return parallel
 
 
 __all__ = ["DATA_AXIS", "DataParallel", "any_process", "barrier", "cluster_environment", "initialize",

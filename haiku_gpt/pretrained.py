@@ -189,7 +189,8 @@ def effective_config(config: ml_collections.ConfigDict, log: Callable[[str], Non
     arch = {"n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": hf["n_embd"], "bias": True,
             "vocab_size": hf["vocab_size"]}
     refused = [f"{f} (--config.{f}={config[f]!r}, the checkpoint has {arch[f]!r})"
-               for f in ARCH_FIELDS if f in explicit and config[f] != arch[f]]
+               for f in ARCH_FIELDS if f in explicit and config[f] != arch[f]
+               and not (f == "vocab_size" and config[f] == 0)]  # 0: "the default size"
     if refused:
         raise UserError(
             f"--config.init_from={config.init_from} fixes the model's shape, but {'; '.join(refused)}: "
@@ -213,11 +214,27 @@ def effective_config(config: ml_collections.ConfigDict, log: Callable[[str], Non
     return out
 
 
+def _started_from(meta: dict | None) -> str | None:
+    """The pretrained checkpoint a run's checkpoint descends from (through any number of resumes), or None."""
+    if not isinstance(meta, dict):
+        return None
+    init_from = str((meta.get("config") or {}).get("init_from", "scratch"))
+    return meta.get("pretrained_from") or (init_from if is_pretrained(init_from) else None)
+
+
+def origin(config: ml_collections.ConfigDict) -> str | None:
+    """What a checkpoint of this run records as `pretrained_from`: the GPT-2 it was finetuned from, or None."""
+    if is_pretrained(config.init_from):
+        return config.init_from
+    if config.init_from == "resume":
+        return _started_from(checkpoint.latest_meta(config.out_dir))
+    return None
+
+
 def _resume_config(config: ml_collections.ConfigDict, explicit: set[str]) -> ml_collections.ConfigDict:
     """Resuming a finetuned run: the model shape of its checkpoint (explicit flags still must agree)."""
     meta = checkpoint.latest_meta(config.out_dir)
-    started_from = ((meta or {}).get("config") or {}).get("init_from", "scratch")
-    if not is_pretrained(str(started_from)) or not isinstance(meta.get("model"), dict):
+    if _started_from(meta) is None or not isinstance(meta.get("model"), dict):
         return config
     out = copy.deepcopy(config)
     for field in MODEL_FIELDS:

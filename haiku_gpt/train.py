@@ -60,6 +60,9 @@ class Trainer:
         """Lay a state of full arrays (scratch, restored or loaded) out on the mesh; as is on one device."""
         return state if self.parallel is None else self.parallel.put(state, self.state_shardings)
 
+    def place_params(self, params: hk.Params) -> hk.Params:
+        return params if self.parallel is None else self.parallel.put(params, self.state_shardings.params)
+
     def local_rows(self) -> slice | None:
         """The rows of the global batch this process feeds (None: all of them, on one device)."""
         return None if self.parallel is None else self.parallel.local_rows(self.config.batch_size)
@@ -169,6 +172,12 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict, dataset: Dat
                      out_dir: str) -> None:
     """A checkpoint must match the model shape and the vocabulary of this run."""
     expected = checkpoint_meta(config, dataset, vocab_size)
+    # The vocabulary first: another dataset also changes vocab_size, and the dataset is the real cause.
+    if meta.get("vocab") != expected["vocab"]:
+        raise UserError(
+            f"the checkpoint in {out_dir} was trained on dataset {meta.get('dataset')!r} with another "
+            f"vocabulary than dataset {dataset.name!r} has now: use --config.dataset={meta.get('dataset')} "
+            "(prepared with the same tokenizer and text), or start a new run in another --config.out_dir.")
     diffs = [f"{k}: checkpoint {meta['model'].get(k)!r} vs config {v!r}"
              for k, v in expected["model"].items() if meta["model"].get(k) != v]
     if diffs:
@@ -176,11 +185,6 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict, dataset: Dat
             f"the checkpoint in {out_dir} has a different model shape ({'; '.join(diffs)}): "
             "pass the checkpoint's values (--config.<field>=...) to resume or sample from it, or "
             "start a new run in another --config.out_dir.")
-    if meta.get("vocab") != expected["vocab"]:
-        raise UserError(
-            f"the checkpoint in {out_dir} was trained on dataset {meta.get('dataset')!r} with another "
-            f"vocabulary than dataset {dataset.name!r} has now: use --config.dataset={meta.get('dataset')} "
-            "(prepared with the same tokenizer and text), or start a new run in another --config.out_dir.")
 
 
 def restore(trainer: Trainer, dataset: Dataset, vocab_size: int, log: Callable) -> tuple[TrainingState, dict]:
@@ -221,6 +225,10 @@ def _compiled_variants(fn) -> int | None:
     return cache_size() if callable(cache_size) else None
 
 
+def _quiet(message: str) -> None:
+    """The log of processes other than process 0."""
+
+
 def ensure_writable(out_dir: str) -> None:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -236,14 +244,14 @@ def ensure_writable(out_dir: str) -> None:
 def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
     """Train as nanoGPT's train.py does; returns a summary (final losses, timings)."""
     validate(config)
+    main = distributed.is_main_process()  # only process 0 logs and writes metrics, plots and checkpoints
+    if not main:
+        log = _quiet
     config = pretrained.effective_config(config, log)  # init_from=gpt2*: the checkpoint's model shape
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
     vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
     trainer = make_trainer(config, vocab_size)
     ensure_writable(config.out_dir)
-    main = distributed.is_main_process()  # only process 0 logs and writes metrics, plots and checkpoints
-    if not main:
-        log = _quiet
 
     best_val_loss = math.inf
     if config.init_from == "resume":
@@ -255,6 +263,8 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
     else:
         state = trainer.init(config.seed)
     state = trainer.place(state)  # several devices: shard/replicate over the mesh (a no-op on one)
+    if trainer.parallel is not None:
+        log(trainer.parallel.describe(config.batch_size))
     n_params = count_params(state.params)
     log(f"number of parameters: {n_params / 1e6:.2f}M")
 
@@ -287,7 +297,8 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
                 save_checkpoint(step, state, val_loss=losses["val"])
 
     def save_checkpoint(step: int, state: TrainingState, val_loss: float | None = None) -> None:
-        meta = checkpoint_meta(config, dataset, vocab_size, best_val_loss=best_val_loss, val_loss=val_loss)
+        meta = checkpoint_meta(config, dataset, vocab_size, best_val_loss=best_val_loss, val_loss=val_loss,
+                               pretrained_from=pretrained.origin(config))
         state = distributed.to_host(state)  # several processes: every one takes part in the gather
         if main:
             path = checkpoint.save(config.out_dir, step, state, meta, config.keep_checkpoints)
@@ -361,9 +372,12 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
 
 
 def sample_batches(tokens: np.ndarray, seed: int, step: int, k: int, batch_shape: tuple[int, int],
-                   block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batches for steps step..step+k-1, shaped [k, accum, batch, T]; each step's draw depends only on its index."""
-    xs, ys = zip(*(sample_batch(tokens, batch_rng(seed, "train", step + i), batch_shape, block_size)
+                   block_size: int, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Batches for steps step..step+k-1, shaped [k, accum, batch, T]; each step's draw depends only on its index.
+
+    `rows`: only these rows of each batch (a process's share of the global batch, see distributed.py).
+    """
+    xs, ys = zip(*(sample_batch(tokens, batch_rng(seed, "train", step + i), batch_shape, block_size, rows=rows)
                    for i in range(k)))
     return np.stack(xs), np.stack(ys)
 
@@ -375,13 +389,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, log: Callable[[str], 
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
     vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
     trainer = make_trainer(config, vocab_size)
+    if not distributed.is_main_process():  # only process 0 prints and records
+        log = _quiet
     from_pretrained = pretrained.is_pretrained(config.init_from)
     if from_pretrained:  # the pretrained model itself, not a run: nothing is recorded in out_dir
         params, step = pretrained.load_model_params(trainer, config, log), 0
     else:
         state, meta = restore(trainer, dataset, vocab_size, log)
         params, step = state.params, int(meta["step"])
+    params = trainer.place_params(params)
     losses = estimate_loss(trainer, params, dataset, step)
     log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    MetricsWriter(config.out_dir, enabled=not from_pretrained).write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+    MetricsWriter(config.out_dir, enabled=not from_pretrained and distributed.is_main_process()).write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
     return losses

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, UInt32
 
 from kernels.reference import default_scale, reference_attention
 
@@ -40,7 +40,7 @@ def attention(
     causal: bool = True,
     sm_scale: float | None = None,
     dropout_rate: float = 0.0,
-    dropout_seed: Int[Array, ""] | int | None = None,
+    dropout_seed: Int[Array, ""] | UInt32[Array, ""] | int | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Causal (by default) softmax attention through the chosen implementation."""
     check_attention_impl(impl, dropout_rate)

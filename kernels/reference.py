@@ -14,7 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, UInt32
 
 from kernels.dropout import dropout_keep_mask
 
@@ -55,7 +55,7 @@ def reference_attention(
     causal: bool = True,
     sm_scale: float | None = None,
     dropout_rate: float = 0.0,
-    dropout_seed: Int[Array, ""] | int | None = None,
+    dropout_seed: Int[Array, ""] | UInt32[Array, ""] | int | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """softmax(q k^T * sm_scale [+ causal mask]) v, with optional hashed dropout.
 

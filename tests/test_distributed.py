@@ -1,0 +1,215 @@
+"""Data parallelism, fsdp, multi-process runs and checkpoints across device counts.
+
+Each run is a separate `launch.py` process (through a small driver that also records every step's
+loss on every process), with fake CPU devices from
+`XLA_FLAGS=--xla_force_host_platform_device_count=N`: JAX reads that flag once, at start-up.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from haiku_gpt.distributed import DataParallel
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 20
+SHORT = 10  # the two-process run (the learning-rate schedule does not depend on max_iters)
+RTOL = 1e-5
+
+# Runs launch.py's main and then prints this process's per-step losses (non-zero processes log nothing).
+DRIVER = r'''
+import dataclasses, json, os, sys
+repo = sys.argv[1]
+sys.path.insert(0, repo)
+sys.argv = [os.path.join(repo, "launch.py")] + sys.argv[2:]
+import jax
+import numpy as np
+from absl import app
+import launch
+from haiku_gpt import train
+
+losses = {}
+make_trainer = train.make_trainer
+
+def recording_make_trainer(*args, **kwargs):
+    trainer = make_trainer(*args, **kwargs)
+    def train_steps(state, x, y):
+        if isinstance(state.step, jax.core.Tracer):  # traced (the preflight): nothing to record
+            return trainer.train_steps(state, x, y)
+        step = int(state.step)
+        state, metrics = trainer.train_steps(state, x, y)
+        for i, loss in enumerate(np.asarray(metrics["loss"])):
+            losses[step + i] = float(loss)
+        return state, metrics
+    return dataclasses.replace(trainer, train_steps=train_steps)
+
+train.make_trainer = recording_make_trainer
+code = 0
+try:
+    app.run(launch.main, flags_parser=launch._parse_flags)
+except SystemExit as e:
+    code = e.code
+print("LOSSES " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
+                              "losses": sorted(losses.items())}), flush=True)
+sys.exit(code)
+'''
+
+
+def _env(devices: int, cache_dir) -> dict:
+    # A compilation cache shared by the runs: runs on the same device count reuse each other's executables.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def _args(data_dir, out_dir, *extra) -> list[str]:
+    return ["--config=" + str(REPO / "configs" / "tiny.py"), f"--config.data_dir={data_dir}",
+            "--config.dataset=chars", f"--config.out_dir={out_dir}", "--config.check_attention=False",
+            "--config.batch_size=8", "--config.log_interval=1", f"--config.max_iters={STEPS}",
+            "--config.always_save_checkpoint=True", "--config.keep_checkpoints=5", *extra]
+
+
+def _start(driver, devices, args):
+    return subprocess.Popen([sys.executable, str(driver), str(REPO), *args], env=_env(devices, driver.parent / "jax-cache"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=150) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"run timed out\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    result = {"rc": proc.returncode, "stdout": out, "stderr": err, "losses": None}
+    for line in out.splitlines():
+        if line.startswith("LOSSES "):
+            record = json.loads(line[len("LOSSES "):])
+            result.update(process=record["process"], devices=record["devices"],
+                          losses={int(s): v for s, v in record["losses"]})
+    return result
+
+
+def _ok(result) -> dict:
+    assert result["rc"] == 0, f"stdout:\n{result['stdout'][-3000:]}\nstderr:\n{result['stderr'][-3000:]}"
+    return result
+
+
+def _metric_losses(out_dir) -> dict[int, float]:
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _max_rel(a: dict, b: dict, steps) -> float:
+    x, y = np.array([a[s] for s in steps]), np.array([b[s] for s in steps])
+    return float(np.max(np.abs(x - y) / np.abs(y)))
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """run(name, devices, *flags): one launch.py run per name, cached for the module."""
+    root = tmp_path_factory.mktemp("distributed")
+    driver = root / "driver.py"
+    driver.write_text(DRIVER)
+    cache = {}
+
+    def run(name, devices, *extra, out_dir=None):
+        if name not in cache:
+            out_dir = out_dir or root / name
+            result = _ok(_finish(_start(driver, devices, _args(data_dir, out_dir, *extra))))
+            assert result["devices"] == devices
+            cache[name] = dict(result, out_dir=out_dir)
+        return cache[name]
+
+    run.root, run.driver, run.data_dir = root, driver, data_dir
+    return run
+
+
+def test_fsdp_shards_the_largest_divisible_dimension():
+    dp = DataParallel(AbstractMesh((4,), ("data",)), fsdp=True)
+    assert dp.param_spec((65, 32)) == PartitionSpec(None, "data")  # 65 does not divide by 4: next largest
+    assert dp.param_spec((128, 32)) == PartitionSpec("data", None)
+    assert dp.param_spec((6,)) == PartitionSpec() and dp.param_spec(()) == PartitionSpec()  # replicated
+    assert DataParallel(AbstractMesh((4,), ("data",))).param_spec((128, 32)) == PartitionSpec()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_four_devices_match_one_device(runs, fsdp):
+    one = runs("one_device", 1)
+    four = runs(f"four_devices_{'fsdp' if fsdp else 'replicated'}", 4, f"--config.fsdp={fsdp}")
+    steps = range(STEPS)
+    assert sorted(one["losses"]) == sorted(four["losses"]) == list(steps)
+    rel = _max_rel(four["losses"], one["losses"], steps)
+    print(f"4 devices ({'fsdp' if fsdp else 'replicated'}) vs 1: max relative loss difference {rel:.2e}")
+    assert rel < RTOL
+    assert _max_rel(_metric_losses(four["out_dir"]), _metric_losses(one["out_dir"]), steps) < RTOL
+    assert "data parallel over 4 devices" in four["stdout"]
+    assert ("sharded (fsdp)" in four["stdout"]) == fsdp
+
+
+@pytest.mark.parametrize("source,target", [("four_devices_fsdp", 1), ("one_device", 4)],
+                         ids=["4fsdp->1", "1->4"])
+def test_checkpoint_resumes_on_another_device_count(runs, source, target):
+    one = runs("one_device", 1)
+    src = runs(source, 4 if source.startswith("four") else 1, *(["--config.fsdp=True"] if "fsdp" in source else []))
+    out_dir = runs.root / f"resume_{source}_on_{target}"
+    shutil.copytree(Path(src["out_dir"]) / "checkpoints" / "step_00000010", out_dir / "checkpoints" / "step_00000010")
+    resumed = runs(out_dir.name, target, "--config.init_from=resume", out_dir=out_dir)
+    assert "resuming from step 10" in resumed["stdout"]
+    assert sorted(resumed["losses"]) == list(range(10, STEPS))
+    rel = _max_rel(resumed["losses"], one["losses"], range(10, STEPS))
+    print(f"checkpoint {source} resumed on {target} device(s) vs uninterrupted: max relative difference {rel:.2e}")
+    assert rel < RTOL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_and_match_one_process(runs):
+    one = runs("one_device", 1)
+    out_dir = runs.root / "two_processes"
+    address = f"127.0.0.1:{_free_port()}"
+    args = _args(runs.data_dir, out_dir, "--config.fsdp=True", f"--config.max_iters={SHORT}",
+                 "--config.eval_interval=5", f"--coordinator_address={address}", "--num_processes=2")
+    procs = [_start(runs.driver, 2, [*args, f"--process_id={i}"]) for i in range(2)]
+    try:
+        results = [_ok(_finish(p)) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    p0, p1 = results
+    assert (p0["process"], p1["process"]) == (0, 1) and p0["devices"] == p1["devices"] == 4
+    assert p0["losses"] == p1["losses"]  # the same replicated values, bit for bit
+    assert sorted(p0["losses"]) == list(range(SHORT))
+    rel = _max_rel(p0["losses"], one["losses"], range(SHORT))
+    print(f"2 processes x 2 devices vs 1 device: max relative loss difference {rel:.2e}")
+    print("process 0 printed:\n" + "\n".join(l for l in p0["stdout"].splitlines() if not l.startswith("LOSSES")))
+    assert rel < RTOL
+    assert f"iter {SHORT - 1}: loss" in p0["stdout"] and "saved checkpoint" in p0["stdout"]
+    assert "iter" not in p1["stdout"] and "checkpoint" not in p1["stdout"]  # only process 0 logs
+    assert sorted(_metric_losses(out_dir)) == list(range(SHORT))  # written once, by process 0
+    assert sorted(os.listdir(out_dir / "checkpoints")) == ["step_00000005", "step_00000010"]
+
+
+def test_batch_must_divide_by_device_count(runs):
+    proc = _start(runs.driver, 4, _args(runs.data_dir, runs.root / "bad_batch", "--config.batch_size=6"))
+    result = _finish(proc)
+    assert result["rc"] == 2
+    assert "--config.batch_size=6" in result["stderr"] and "4 devices" in result["stderr"]

@@ -1,0 +1,359 @@
+"""Reliability through launch.py, in subprocesses: crashes, damaged checkpoints, NaN, signals, preflight.
+
+Every failure must be a one-paragraph `error: ...` with a non-zero exit code and no
+traceback, and must leave existing checkpoints as they were. Runs use the tiny
+config with `check_attention` off (it only slows the compile down here).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import Array, Float
+
+from configs import tiny
+from haiku_gpt import checkpoint, prepare, preflight
+from haiku_gpt.config import model_config
+from haiku_gpt.errors import UserError
+from tests.conftest import REPO, corpus_text
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def launch_cmd(data_dir, out_dir, *extra):
+    return [sys.executable, str(REPO / "launch.py"), "--config=configs/tiny.py", f"--config.data_dir={data_dir}",
+            "--config.dataset=chars", f"--config.out_dir={out_dir}", "--config.check_attention=False", *extra]
+
+
+def launch(data_dir, out_dir, *extra, timeout=240):
+    return subprocess.run(launch_cmd(data_dir, out_dir, *extra), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start(data_dir, out_dir, *extra):
+    return subprocess.Popen(launch_cmd(data_dir, out_dir, *extra), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode not in (0, None), result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.lstrip().startswith("error:") or "\nerror:" in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def read_metrics(out_dir):
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(out_dir, key="loss"):
+    """The newest record of each step (a resumed run logs the steps after its checkpoint again)."""
+    return {r["step"]: r[key] for r in read_metrics(out_dir) if key in r}
+
+
+def checkpoint_steps(out_dir):
+    return [int(Path(p).name.split("_")[1]) for p in checkpoint.list_checkpoints(str(out_dir))]
+
+
+def snapshot(path: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def wait_for(predicate, proc, timeout=120, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run exited ({proc.returncode}) before {what}:\n{out}\n{err}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Datasets: 'chars' (the corpus), 'digits' (another, smaller vocabulary), 'swapped' (same size, other chars)."""
+    root = tmp_path_factory.mktemp("reliability-data")
+    text = corpus_text()
+    prepare.prepare_text(text, root / "chars", "char", source="tests")
+    rng = np.random.default_rng(0)
+    prepare.prepare_text("".join(rng.choice(list("0123456789 \n"), 20_000)), root / "digits", "char", source="tests")
+    missing = next(c for c in "#@%&~^" if c not in text)
+    prepare.prepare_text(text.replace("e", missing), root / "swapped", "char", source="tests")
+    return root
+
+
+RUN = ["--config.max_iters=20", "--config.eval_interval=5", "--config.log_interval=1",
+       "--config.always_save_checkpoint=True", "--config.keep_checkpoints=5"]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A finished tiny run with checkpoints at steps 5, 10, 15 and 20."""
+    out_dir = tmp_path_factory.mktemp("reliability-run") / "out"
+    result = launch(data_dir, out_dir, *RUN)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint_steps(out_dir) == [5, 10, 15, 20]
+    return out_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained, out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes and exact resume
+
+
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
+    args = ["--config.max_iters=240", "--config.lr_decay_iters=240", "--config.eval_interval=30",
+            "--config.log_interval=1", "--config.always_save_checkpoint=True", "--config.keep_checkpoints=2"]
+    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
+    reference = start(data_dir, reference_dir, *args)  # both at once: two cores
+    victim = start(data_dir, crashed_dir, *args)
+
+    def past_a_checkpoint():  # a complete checkpoint exists and training went on after it
+        steps = checkpoint_steps(crashed_dir)
+        return bool(steps) and max(losses_by_step(crashed_dir), default=-1) > steps[-1] + 2
+
+    wait_for(past_a_checkpoint, victim, what="a checkpoint")
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
+    victim.communicate()
+    killed_at = max(losses_by_step(crashed_dir))
+    saved = checkpoint_steps(crashed_dir)[-1]
+    assert saved < killed_at < 239
+
+    out, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err
+    resumed = launch(data_dir, crashed_dir, *args, "--config.init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {saved} " in resumed.stdout
+
+    expected = losses_by_step(reference_dir)
+    assert sorted(expected) == list(range(240))
+    assert losses_by_step(crashed_dir) == expected  # every step's loss, bit for bit
+    assert losses_by_step(crashed_dir, "val_loss") == losses_by_step(reference_dir, "val_loss")
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_previous_one(data_dir, run_copy):
+    newest = run_copy / "checkpoints" / "step_00000020"
+    _truncate(newest / "state.npz")
+    result = launch(data_dir, run_copy, *RUN, "--config.init_from=resume")
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipped damaged checkpoint" in result.stdout and "step_00000020" in result.stdout
+    assert "resuming from step 15 " in result.stdout
+    assert checkpoint_steps(run_copy) == [5, 10, 15, 20]  # step 20 saved again, intact
+    meta = json.loads((newest / "meta.json").read_text())
+    assert checkpoint._sha256(str(newest / "state.npz")) == meta["sha256"]
+
+
+def test_corrupted_newest_checkpoint_is_skipped_by_eval_and_sample(data_dir, run_copy):
+    _flip_bytes(run_copy / "checkpoints" / "step_00000020" / "state.npz")
+    result = launch(data_dir, run_copy, "--mode=eval")
+    assert result.returncode == 0, result.stderr
+    assert "state.npz is corrupted (checksum mismatch)" in result.stdout
+    assert "step 15: train loss" in result.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "meta"])
+def test_damaged_sole_checkpoint_is_a_clear_error(data_dir, run_copy, damage):
+    for step in (5, 10, 15):
+        shutil.rmtree(run_copy / "checkpoints" / f"step_{step:08d}")
+    sole = run_copy / "checkpoints" / "step_00000020"
+    if damage == "truncate":
+        _truncate(sole / "state.npz")
+    elif damage == "flip":
+        _flip_bytes(sole / "state.npz")
+    else:
+        _truncate(sole / "meta.json")
+    before = snapshot(run_copy / "checkpoints")
+    mode = "--mode=sample" if damage == "flip" else "--config.init_from=resume"
+    result = launch(data_dir, run_copy, *RUN, mode)
+    problem = {"truncate": "state.npz is corrupted", "flip": "state.npz is corrupted",
+               "meta": "meta.json or state.npz missing or unreadable"}[damage]
+    assert_clean_error(result, "no usable checkpoint in", problem, "--config.init_from=scratch")
+    assert snapshot(run_copy / "checkpoints") == before
+
+
+def test_leftover_tmp_dir_of_a_crashed_save_is_ignored(data_dir, run_copy):
+    root = run_copy / "checkpoints"
+    stray = root / ".tmp-step_00000025-999999"  # a writer killed mid-save (no such pid now)
+    stray.mkdir()
+    (stray / "state.npz").write_bytes(b"PK\x03\x04 half a file")
+    old = root / "step_00000020.old-999999"  # killed between the two renames of a re-save
+    shutil.copytree(root / "step_00000020", old)
+    assert checkpoint_steps(run_copy) == [5, 10, 15, 20]
+    result = launch(data_dir, run_copy, *RUN, "--config.max_iters=25", "--config.init_from=resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step 20 " in result.stdout and "warning" not in result.stdout
+    assert checkpoint_steps(run_copy) == [5, 10, 15, 20, 25]
+    assert not stray.exists() and not old.exists()  # the next save cleaned them up
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN guard and signals
+
+
+def test_nan_guard_stops_without_touching_checkpoints(data_dir, run_copy):
+    before = snapshot(run_copy / "checkpoints")
+    result = launch(data_dir, run_copy, "--config.learning_rate=1e4", "--config.max_iters=500",
+                    "--config.eval_interval=1000", "--config.log_interval=1")
+    assert_clean_error(result, "the loss became", "at step", "last finite loss", "--config.learning_rate=10000.0")
+    assert snapshot(run_copy / "checkpoints") == before  # byte-identical
+
+
+def test_sigint_saves_a_checkpoint_at_the_current_step_and_resume_continues(data_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    args = ["--config.eval_interval=100000", "--config.log_interval=1", "--config.lr_decay_iters=100000"]
+    proc = start(data_dir, out_dir, *args, "--config.max_iters=100000")
+    wait_for(lambda: max(losses_by_step(out_dir), default=-1) >= 3, proc, what="training steps")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err
+    line = next(line for line in out.splitlines() if line.startswith("stopped by SIGINT at step"))
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert step >= 4 and checkpoint_steps(out_dir) == [step]
+    assert max(losses_by_step(out_dir)) == step - 1  # the checkpoint holds every step it logged
+
+    resumed = launch(data_dir, out_dir, *args, f"--config.max_iters={step + 3}", "--config.init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {step} " in resumed.stdout
+    assert sorted(losses_by_step(out_dir))[-3:] == [step, step + 1, step + 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight
+
+
+def test_preflight_refuses_a_model_that_cannot_fit_in_seconds(data_dir, tmp_path):
+    t0 = time.monotonic()
+    result = launch(data_dir, tmp_path / "out", "--config.n_layer=96", "--config.n_embd=12288")
+    seconds = time.monotonic() - t0
+    assert_clean_error(result, "would not fit in memory", "TiB", "Nothing was allocated", "--config.n_layer")
+    assert seconds < 30, seconds
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_check_mode_prints_params_flops_and_memory(data_dir, tmp_path):
+    result = launch(data_dir, tmp_path / "out", "--mode=check")
+    assert result.returncode == 0, result.stderr
+    for row in ("parameters", "0.03M", "FLOPs per step", "XLA cost analysis", "memory: arguments",
+                "memory: temporaries", "memory: peak estimate", "memory available",
+                "shapes checked", "init, train step, eval, decode", "ok:"):
+        assert row in result.stdout, result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_mode_refuses_bad_config_clearly(data_dir, tmp_path):
+    result = launch(data_dir, tmp_path / "out", "--mode=check", "--config.attention_impl=flashy")
+    assert_clean_error(result, "unknown attention_impl 'flashy'")
+
+
+@pytest.fixture
+def tiny_config(data_dir, tmp_path):
+    config = tiny.get_config()
+    config.data_dir = str(data_dir)
+    config.dataset = "chars"
+    config.out_dir = str(tmp_path / "out")
+    config.check_attention = False
+    return config
+
+
+def test_preflight_analytic_parameter_count_matches_the_model(tiny_config):
+    for bias in (False, True):
+        tiny_config.bias = bias
+        report = preflight.run(tiny_config)  # report.params: counted on the traced init
+        assert report.params == preflight.param_count(model_config(tiny_config, 65))
+        assert report.params_nanogpt == report.params - tiny_config.block_size * tiny_config.n_embd
+
+
+def test_preflight_names_the_function_and_dims_of_a_shape_error(tiny_config, monkeypatch):
+    import kernels
+
+    original = kernels.attention
+
+    def transposed_attention(
+        q: Float[Array, "batch q_len heads head_dim"],
+        k: Float[Array, "batch k_len heads head_dim"],
+        v: Float[Array, "batch k_len heads head_dim"],
+        **kwargs,
+    ) -> Float[Array, "batch q_len heads head_dim"]:
+        return jnp.swapaxes(original(q, k, v, **kwargs), 1, 2)  # the bug: [batch, heads, q_len, head_dim]
+
+    monkeypatch.setattr(kernels, "attention", transposed_attention)
+    with pytest.raises(UserError) as e:
+        preflight.run(tiny_config)
+    message = str(e.value)
+    assert "shape check failed in kernels.attention" in message
+    assert "return" in message and "q_len=16" in message and "heads=2" in message
+    assert "train step" in message
+
+
+def test_preflight_reports_a_broken_shape_without_annotations(tiny_config, monkeypatch):
+    import kernels
+
+    monkeypatch.setattr(kernels, "attention", lambda q, k, v, **kw: q + k[:, :-1])
+    with pytest.raises(UserError, match=r"does not trace: TypeError in haiku_gpt/model.py:\d+ \(__call__\)"):
+        preflight.run(tiny_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of another dataset, and bad datasets
+
+
+@pytest.mark.parametrize("dataset", ["digits", "swapped"])
+def test_checkpoint_from_another_vocabulary_is_refused(data_dir, trained, dataset):
+    before = snapshot(trained)
+    for mode in ("--config.init_from=resume", "--mode=sample"):
+        result = launch(data_dir, trained, *RUN, mode, f"--config.dataset={dataset}")
+        assert_clean_error(result, "was trained on dataset 'chars' with another vocabulary than dataset "
+                                   f"'{dataset}'", "--config.dataset=chars")
+    assert snapshot(trained) == before
+
+
+def test_empty_and_too_short_datasets_are_refused(data_dir, tmp_path):
+    root = tmp_path / "data"
+    prepare.prepare_text("To be, or not to be: that is the question.", root / "short", "char", source="tests")
+    empty = root / "empty"
+    empty.mkdir()
+    meta = json.loads((Path(data_dir) / "chars" / "meta.json").read_text())
+    meta.update(train_tokens=0, val_tokens=0)
+    (empty / "meta.json").write_text(json.dumps(meta))
+    (empty / "train.bin").write_bytes(b"")
+    (empty / "val.bin").write_bytes(b"")
+    for name, fragment in (("short", "has 5 tokens, too few for block_size=16"),
+                           ("empty", "has 0 tokens, too few for block_size=16")):
+        for mode in ("--mode=train", "--mode=check"):
+            result = launch(root, tmp_path / "out", mode, f"--config.dataset={name}")
+            assert_clean_error(result, fragment, "--config.block_size")
