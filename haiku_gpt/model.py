@@ -86,9 +86,10 @@ class CausalSelfAttention(hk.Module):
         x: Float[Array, "N C"],
         batch_size: int,
         is_training: bool,
-        layer_cache: tuple[Array, Array] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
         positions: Int[Array, "T"] | None = None,
-    ) -> tuple[Float[Array, "N C"], tuple[Array, Array] | None]:
+    ) -> tuple[Float[Array, "N C"], KVCache | None]:
         cfg = self.config
         n_tokens, width = x.shape
         seq = n_tokens // batch_size
@@ -97,8 +98,7 @@ class CausalSelfAttention(hk.Module):
         qkv = qkv.reshape(batch_size, seq, 3, cfg.n_head, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, D]
 
-        new_cache = None
-        if layer_cache is None:
+        if cache is None:
             dropout_rate = cfg.dropout if is_training else 0.0
             seed = None
             if dropout_rate > 0.0:
@@ -110,17 +110,17 @@ class CausalSelfAttention(hk.Module):
                                                        dropout_rate=dropout_rate, dropout_seed=seed)
                 _assert_attention_agrees(y, expected, self.module_name)
         else:
-            # Decoding: write this step's keys/values at their positions, attend over the cache.
-            k_cache, v_cache = layer_cache
-            start = positions[0]
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
-            y = kernels.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions)
-            new_cache = (k_cache, v_cache)
+            # Decoding: write this step's keys/values into this layer's slots of the stacked
+            # cache (in place: only T positions are written), then attend over the layer's cache.
+            at = (layer, 0, positions[0], 0, 0)
+            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+                            jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
+            y = kernels.cached_attention(q, cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype),
+                                         positions)
 
         y = y.reshape(n_tokens, width)
         y = hk.Linear(width, with_bias=cfg.bias, w_init=_normal(std_proj), name="c_proj")(y)
-        return _dropout(y, cfg.dropout, is_training), new_cache
+        return _dropout(y, cfg.dropout, is_training), cache
 
 
 def _assert_attention_agrees(actual: Array, expected: Array, layer: str) -> None:
@@ -154,12 +154,12 @@ class Block(hk.Module):
         super().__init__(name=name)
         self.config = config
 
-    def __call__(self, x, batch_size, is_training, layer_cache=None, positions=None):
-        attn_out, new_cache = CausalSelfAttention(self.config, name="attn")(
-            _layer_norm(self.config.bias, "ln_1")(x), batch_size, is_training, layer_cache, positions)
+    def __call__(self, x, batch_size, is_training, cache=None, layer=0, positions=None):
+        attn_out, cache = CausalSelfAttention(self.config, name="attn")(
+            _layer_norm(self.config.bias, "ln_1")(x), batch_size, is_training, cache, layer, positions)
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(_layer_norm(self.config.bias, "ln_2")(x), is_training)
-        return x, new_cache
+        return x, cache
 
 
 class GPT(hk.Module):
@@ -186,19 +186,13 @@ class GPT(hk.Module):
         x = wte(idx) + jnp.take(wpe, positions, axis=0)[None]
         x = _dropout(x, cfg.dropout, is_training).reshape(batch_size * seq, cfg.n_embd)
 
-        new_k, new_v = [], []
         for i in range(cfg.n_layer):  # unrolled: faster than hk.layer_stack on CPU
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_new = Block(cfg, name=f"h_{i}")(x, batch_size, is_training, layer_cache, positions)
-            if layer_new is not None:
-                new_k.append(layer_new[0])
-                new_v.append(layer_new[1])
+            x, cache = Block(cfg, name=f"h_{i}")(x, batch_size, is_training, cache, i, positions)
         x = _layer_norm(cfg.bias, "ln_f")(x)
         # Tied lm_head: logits against the token embedding, accumulated in float32.
         logits = jnp.dot(x, wte.embeddings.T.astype(x.dtype), preferred_element_type=jnp.float32)
         logits = logits.reshape(batch_size, seq, cfg.vocab_size)
-        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
-        return logits, new_cache
+        return logits, cache
 
 
 def make_model(config: GPTConfig) -> hk.Transformed:

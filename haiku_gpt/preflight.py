@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import sys
 import time
 import traceback
@@ -68,9 +69,14 @@ class ShapeCheckError(Exception):
 
 def _summarise_typecheck_error(message: str) -> tuple[str, str]:
     """jaxtyping's multi-paragraph message -> (what failed, the bound dimensions)."""
-    head = message.split("----------------------")[0]
+    head = message.split("----------------------")[0].replace("jaxlib._jax.Array", "Array")
     lines = [line.strip() for line in head.splitlines() if line.strip()]
-    problem = " ".join(lines[1:] or lines)  # line 0 restates the function name, which we give ourselves
+    if not lines:
+        return message.strip(), ""
+    # Line 0: "Type-check error whilst checking the return value of pkg.fn." -> "the return value".
+    what = re.sub(r"^Type-check error whilst checking\s*", "", lines[0])
+    what = re.sub(r"\s+of\s+\S+$", "", what).rstrip(".")
+    problem = (what + ": " if what and what != lines[0] else "") + " ".join(lines[1:] if what != lines[0] else lines)
     dims = []
     marker = "jaxtyping axis annotation are as follows."
     if marker in message:
@@ -86,7 +92,10 @@ def _summarise_typecheck_error(message: str) -> tuple[str, str]:
 
 def _checked(name: str, fn: Callable) -> Callable:
     """`fn` with its jaxtyping annotations checked by beartype; a failure raises ShapeCheckError(name)."""
-    checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(fn)
+    try:
+        checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(fn)
+    except Exception:  # noqa: BLE001 (e.g. a lambda, which jaxtyping cannot wrap): run it unchecked
+        return fn
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -167,9 +176,10 @@ def analytic_memory(config: ml_collections.ConfigDict, mcfg, devices: int = 1) -
     act_bytes = 2 if config.dtype == "bfloat16" else 4
     b, t, c, h = -(-config.batch_size // devices), config.block_size, mcfg.n_embd, mcfg.n_head
     tokens = b * t
+    # Fitted to XLA's CPU memory plans (--mode=check) of the shakespeare_char configs, within 5%:
     per_layer = tokens * 18 * c * act_bytes  # ln, qkv, attention out, residuals, 4x MLP in and out
-    if config.attention_impl != "pallas":  # scores and probabilities, float32, [B, H, T, T]
-        per_layer += 2 * b * h * t * t * 4
+    if config.attention_impl != "pallas":  # [B, H, T, T] float32: scores, mask, softmax, their gradients
+        per_layer += 6 * b * h * t * t * 4
     logits = 3 * tokens * mcfg.vocab_size * 4  # float32 logits, softmax and their gradient
     activations = mcfg.n_layer * per_layer + logits
     return {"params": n, "state": state, "activations": activations, "total": state + activations}
@@ -365,7 +375,7 @@ def _trace(stage: str, fn: Callable, *args):
             + " Nothing was allocated; this is a bug in the model code or a config it does not support.") from None
     except (TypeError, ValueError) as e:
         where = _innermost_project_frame(e.__traceback__)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise UserError(f"preflight: the {stage} does not trace: {type(e).__name__} in {where}: {first}. Nothing "
                         "was allocated; this is a bug in the model code or a config it does not support.") from None
 

@@ -323,10 +323,8 @@ def init_state(trainer, config: ml_collections.ConfigDict, log: Callable[[str], 
     params = load_params(config.init_from, template.params, log)
     # step and rng exactly as trainer.init makes them; XLA drops the unused random init.
     step, rng = jax.jit(lambda: tuple(trainer.init(config.seed))[2:])()
-    state = template._replace(params=params, opt_state=jax.jit(trainer.optimizer.init)(params),
-                              step=step, rng=rng)
-    place = getattr(trainer, "place", None)  # data-parallel runs lay the state out on their mesh
-    return place(state) if callable(place) else state
+    return template._replace(params=params, opt_state=jax.jit(trainer.optimizer.init)(params),
+                             step=step, rng=rng)
 
 
 def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:

@@ -115,7 +115,10 @@ def generate_tokens(
         def recompute(cache):  # window full, exact semantics: positions shift every token
             return window_logits(tokens, n), cache, filled
 
-        logits, cache, filled = jax.lax.cond(filled < block, cached, recompute, cache)
+        if window == "exact" and total <= block:  # never past the window: no recompute branch to compile
+            logits, cache, filled = cached(cache)
+        else:
+            logits, cache, filled = jax.lax.cond(filled < block, cached, recompute, cache)
         token = _next_token(keys[i], logits, temperature, top_k, valid_vocab)
         return jax.lax.dynamic_update_index_in_dim(tokens, token, n, axis=1), cache, filled
 

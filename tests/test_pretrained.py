@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
