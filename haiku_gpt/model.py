@@ -48,15 +48,20 @@ class GPTConfig:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for positions 0..S-1 (unwritten slots are masked)."""
+    """Keys and values for positions 0..S-1, one [B, S, H, D] array per layer (unwritten slots are masked).
 
-    k: Float[Array, "L B S H D"]
-    v: Float[Array, "L B S H D"]
+    One buffer per layer, not a stacked [L, ...] array: each layer then reads and updates only its
+    own buffer, which XLA keeps in place inside the decode loop (no per-token copy of the cache).
+    """
+
+    k: tuple[Float[Array, "B S H D"], ...]
+    v: tuple[Float[Array, "B S H D"], ...]
 
 
 def init_kv_cache(config: GPTConfig, batch_size: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.n_layer, batch_size, config.block_size, config.n_head, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch_size, config.block_size, config.n_head, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)))
 
 
 def _normal(std: float) -> hk.initializers.Initializer:
@@ -110,11 +115,13 @@ class CausalSelfAttention(hk.Module):
                                                        dropout_rate=dropout_rate, dropout_seed=seed)
                 _assert_attention_agrees(y, expected, self.module_name)
         else:
-            # Decoding: write this step's keys/values into this layer's slots of the stacked
-            # cache (in place: only T positions are written), then attend over the layer's cache.
-            at = (layer, 0, positions[0], 0, 0)
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
-                            jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
+            # Decoding: write this step's keys/values at their positions of this layer's
+            # cache (in place: only T positions are written), then attend over the cache.
+            def write(buffers, new):
+                updated = jax.lax.dynamic_update_slice_in_dim(
+                    buffers[layer], new.astype(buffers[layer].dtype), positions[0], axis=1)
+                return buffers[:layer] + (updated,) + buffers[layer + 1:]
+            cache = KVCache(write(cache.k, k), write(cache.v, v))
             y = kernels.cached_attention(q, cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype),
                                          positions)
 
