@@ -73,10 +73,9 @@ def _summarise_typecheck_error(message: str) -> tuple[str, str]:
     lines = [line.strip() for line in head.splitlines() if line.strip()]
     if not lines:
         return message.strip(), ""
-    # Line 0: "Type-check error whilst checking the return value of pkg.fn." -> "the return value".
-    what = re.sub(r"^Type-check error whilst checking\s*", "", lines[0])
-    what = re.sub(r"\s+of\s+\S+$", "", what).rstrip(".")
-    problem = (what + ": " if what and what != lines[0] else "") + " ".join(lines[1:] if what != lines[0] else lines)
+    # Line 0 is "Type-check error whilst checking the return value of pkg.fn.": keep "the return value".
+    first = re.match(r"Type-check error whilst checking (.+?) of \S+?\.?$", lines[0])
+    problem = f"{first.group(1)}: {' '.join(lines[1:])}" if first else " ".join(lines)
     dims = []
     marker = "jaxtyping axis annotation are as follows."
     if marker in message:
@@ -267,7 +266,8 @@ class Report:
     available: int | None
     available_source: str
     traced: list[str] = dataclasses.field(default_factory=list)
-    compiled_flops: float | None = None
+    compiled_flops: float | None = None  # XLA's count for one call (an accumulation loop's body once)
+    accumulation: int = 1
     memory: dict | None = None  # compiled: argument, output, alias, temp, peak
     seconds: float = 0.0
 
@@ -280,7 +280,11 @@ class Report:
                 ("device", self.device),
                 ("parameters", f"{self.params_nanogpt / 1e6:.2f}M ({self.params:,} with position embeddings)")]
         flops = f"{_si(self.analytic_flops)}FLOP (6N+12LHDT per token)"
-        if self.compiled_flops is not None:
+        if self.compiled_flops is not None and self.accumulation > 1:
+            flops = (f"{_si(self.compiled_flops * self.accumulation)}FLOP (XLA cost analysis: "
+                     f"{_si(self.compiled_flops)}FLOP counting the loop over {self.accumulation} accumulated "
+                     f"micro-batches once); analytic {flops}")
+        elif self.compiled_flops is not None:
             flops = f"{_si(self.compiled_flops)}FLOP (XLA cost analysis); analytic {flops}"
         rows.append(("FLOPs per step", flops))
         a = self.analytic
@@ -338,7 +342,7 @@ def _refuse(report: Report, what: str, config: ml_collections.ConfigDict) -> Non
                         f"--config.gradient_accumulation_steps (now {config.gradient_accumulation_steps}) to "
                         "keep the tokens per step")
         if config.dtype != "bfloat16":
-            tips.append("--config.dtype=bfloat16 (halves the activations; parameters stay float32)")
+            tips.append("--config.dtype=bfloat16 (smaller activations; parameters stay float32)")
         if config.attention_impl != "pallas" and config.block_size >= 512:
             tips.append("--config.attention_impl=pallas (no [T, T] attention matrices)")
         tips.append(f"fewer layers (--config.n_layer, now {config.n_layer}) or a shorter "
@@ -373,7 +377,7 @@ def _trace(stage: str, fn: Callable, *args):
             f"preflight: the {stage} does not trace: shape check failed in {e.function}: {e.problem}"
             + (f" Dimensions bound so far: {e.dims}." if e.dims else "")
             + " Nothing was allocated; this is a bug in the model code or a config it does not support.") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AssertionError) as e:  # jnp shape errors, chex shape assertions
         where = _innermost_project_frame(e.__traceback__)
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise UserError(f"preflight: the {stage} does not trace: {type(e).__name__} in {where}: {first}. Nothing "
@@ -410,7 +414,7 @@ def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callab
         config_name=config.config_name, model=model_desc, device=f"{device.platform} ({device.device_kind})",
         params=analytic["params"], params_nanogpt=analytic["params"] - mcfg.block_size * mcfg.n_embd,
         analytic=analytic, analytic_flops=flops_per_step(config, mcfg), available=available,
-        available_source=source)
+        available_source=source, accumulation=config.gradient_accumulation_steps)
     if available is not None and analytic["total"] > available:
         _refuse(report, "analytic estimate: " + _bytes(analytic["state"]) + " of state + "
                 + _bytes(analytic["activations"]) + " of activations", config)
@@ -465,7 +469,7 @@ def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callab
 def check(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Report:
     """--mode=check: the whole preflight, printed as a table."""
     report = run(config, compile=True)
-    log(f"preflight check of {config.config_name} ({report.seconds:.1f}s):")
+    log(f"preflight check ({report.seconds:.1f}s):")
     log(report.table())
     log("ok: this config fits and every traced shape agrees with its annotations.")
     return report

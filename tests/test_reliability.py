@@ -28,6 +28,19 @@ from tests.conftest import REPO, corpus_text
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for this module's runs: the tiny step compiles once, not in every run.
+
+    (A cached executable is the same program: the bit-for-bit comparisons below hold with or without it.)
+    """
+    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla-cache"))
+    ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
+    for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        ENV.pop(key, None)
+
+
 def launch_cmd(data_dir, out_dir, *extra):
     return [sys.executable, str(REPO / "launch.py"), "--config=configs/tiny.py", f"--config.data_dir={data_dir}",
             "--config.dataset=chars", f"--config.out_dir={out_dir}", "--config.check_attention=False", *extra]
@@ -119,38 +132,7 @@ def run_copy(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Crashes and exact resume
-
-
-def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
-    args = ["--config.max_iters=150", "--config.lr_decay_iters=150", "--config.eval_interval=25",
-            "--config.log_interval=1", "--config.always_save_checkpoint=True", "--config.keep_checkpoints=2"]
-    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
-    reference = start(data_dir, reference_dir, *args)  # both at once: two cores
-    victim = start(data_dir, crashed_dir, *args)
-
-    def past_a_checkpoint():  # a complete checkpoint exists and training went on after it
-        steps = checkpoint_steps(crashed_dir)
-        return bool(steps) and max(losses_by_step(crashed_dir), default=-1) > steps[-1] + 2
-
-    wait_for(past_a_checkpoint, victim, what="a checkpoint")
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
-    victim.communicate()
-    killed_at = max(losses_by_step(crashed_dir))
-    saved = checkpoint_steps(crashed_dir)[-1]
-    assert saved < killed_at < 149
-
-    out, err = reference.communicate(timeout=240)
-    assert reference.returncode == 0, err
-    resumed = launch(data_dir, crashed_dir, *args, "--config.init_from=resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from step {saved} " in resumed.stdout
-
-    expected = losses_by_step(reference_dir)
-    assert sorted(expected) == list(range(150))
-    assert losses_by_step(crashed_dir) == expected  # every step's loss, bit for bit
-    assert losses_by_step(crashed_dir, "val_loss") == losses_by_step(reference_dir, "val_loss")
+# Damaged checkpoints, crashes and exact resume
 
 
 def _truncate(path: Path) -> None:
@@ -214,6 +196,40 @@ def test_damaged_sole_checkpoint_is_a_clear_error(data_dir, run_copy, damage):
     assert snapshot(run_copy / "checkpoints") == before
 
 
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
+    # The schedule of RUN (so the step is already in the XLA cache), and steps enough that the
+    # run is still going when the first checkpoint appears.
+    args = ["--config.max_iters=300", "--config.eval_interval=25", "--config.log_interval=1",
+            "--config.always_save_checkpoint=True", "--config.keep_checkpoints=2"]
+    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
+    reference = start(data_dir, reference_dir, *args)  # both at once: two cores
+    victim = start(data_dir, crashed_dir, *args)
+
+    def past_a_checkpoint():  # a complete checkpoint exists and training went on after it
+        steps = checkpoint_steps(crashed_dir)
+        return bool(steps) and max(losses_by_step(crashed_dir), default=-1) > steps[-1] + 2
+
+    wait_for(past_a_checkpoint, victim, what="a checkpoint")
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
+    victim.communicate()
+    killed_at = max(losses_by_step(crashed_dir))
+    saved = checkpoint_steps(crashed_dir)[-1]
+    print(f"killed at step {killed_at}, newest checkpoint {saved}")
+    assert saved < killed_at < 299
+
+    out, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err
+    resumed = launch(data_dir, crashed_dir, *args, "--config.init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {saved} " in resumed.stdout
+
+    expected = losses_by_step(reference_dir)
+    assert sorted(expected) == list(range(300))
+    assert losses_by_step(crashed_dir) == expected  # every step's loss, bit for bit
+    assert losses_by_step(crashed_dir, "val_loss") == losses_by_step(reference_dir, "val_loss")
+
+
 # ---------------------------------------------------------------------------------------------
 # NaN guard and signals
 
@@ -228,7 +244,7 @@ def test_nan_guard_stops_without_touching_checkpoints(data_dir, run_copy):
 
 def test_sigint_saves_a_checkpoint_at_the_current_step_and_resume_continues(data_dir, tmp_path):
     out_dir = tmp_path / "out"
-    args = ["--config.eval_interval=100000", "--config.log_interval=1", "--config.lr_decay_iters=100000"]
+    args = ["--config.eval_interval=100000", "--config.log_interval=1"]
     proc = start(data_dir, out_dir, *args, "--config.max_iters=100000")
     wait_for(lambda: max(losses_by_step(out_dir), default=-1) >= 3, proc, what="training steps")
     proc.send_signal(signal.SIGINT)
