@@ -309,45 +309,33 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
                                        unit="step") as bar:
         compile_seconds, scan_lengths, warned_recompile = None, set(), False
         emit = log if bar.disable else tqdm.write  # keep log lines above a live progress bar
-        while True:
-            if step % config.eval_interval == 0 or step == config.max_iters:
-                evaluate_and_checkpoint(step, state)
-                if config.eval_only:
-                    break
-            if step >= config.max_iters:
-                break
-            next_eval = min((step // config.eval_interval + 1) * config.eval_interval, config.max_iters)
-            k = k_steps if next_eval - step >= k_steps else 1
-            x, y = sample_batches(dataset.splits["train"], config.seed, step, k, batch_shape, config.block_size,
-                                  rows=trainer.local_rows())
-            x, y = trainer.shard_batch(x, y)  # several devices: one global array from each process's rows
-            t0 = time.perf_counter()
-            state, step_metrics = trainer.train_steps(state, x, y)
-            losses = np.asarray(step_metrics["loss"])  # waits for the step: dt covers the real work
-            dt = (time.perf_counter() - t0) / k
-            lrs = np.asarray(step_metrics["lr"])
+        # The call in flight: (first step, k, metrics, dispatch time). Its losses are read only after
+        # the next call is dispatched, so sampling batches and logging overlap the device's work.
+        in_flight, last_finished = None, 0.0
+
+        def finish(call) -> None:
+            nonlocal compile_seconds, last_finished, last_loss
+            first, k, step_metrics, dispatched = call
+            losses = np.asarray(step_metrics["loss"])  # waits for that call
+            now = time.perf_counter()
+            dt = (now - max(dispatched, last_finished)) / k  # the device was busy with the previous call until then
+            last_finished = now
             if compile_seconds is None:
                 compile_seconds = dt * k
                 summary["first_call_seconds"] = compile_seconds
             else:
                 dts.append(dt)
-            scan_lengths.add(k)
-            variants = _compiled_variants(trainer.train_steps)
-            if variants is not None and variants > len(scan_lengths) and not warned_recompile:
-                warned_recompile = True
-                log(f"warning: the train step was compiled again at step {step} ({variants} versions for "
-                    f"{len(scan_lengths)} scan lengths): an input changed shape or dtype; every "
-                    "recompilation costs seconds")
+            lrs = np.asarray(step_metrics["lr"])
             for i in range(k):
                 if not np.isfinite(losses[i]):
                     raise UserError(
-                        f"the loss became {losses[i]} at step {step + i} (last finite loss: "
+                        f"the loss became {losses[i]} at step {first + i} (last finite loss: "
                         f"{last_loss if last_loss is not None else 'none'}): training stopped and the last "
                         f"good checkpoint in {config.out_dir} was left untouched. Likely causes: a learning "
                         f"rate too high (--config.learning_rate={config.learning_rate}), or bfloat16 "
                         f"overflow (--config.dtype=float32).")
                 last_loss = float(losses[i])
-                s = step + i
+                s = first + i
                 if s % config.log_interval == 0:
                     mfu = flops_per_iter / dt / peak
                     rec = {"step": s, "loss": last_loss, "lr": float(lrs[i]), "dt_ms": dt * 1e3,
@@ -355,9 +343,43 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
                     metrics.write(rec)
                     emit(f"iter {s}: loss {last_loss:.4f}, lr {rec['lr']:.2e}, time {dt * 1e3:.2f}ms, "
                          f"{rec['tokens_per_sec']:,.0f} tok/s, mfu {mfu * 100:.2f}%")
-            step += k
             bar.update(k)
+
+        def drain() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                call, in_flight = in_flight, None
+                finish(call)
+
+        while True:
+            if step % config.eval_interval == 0 or step == config.max_iters:
+                drain()
+                evaluate_and_checkpoint(step, state)
+                if config.eval_only:
+                    break
+            if step >= config.max_iters:
+                drain()
+                break
+            next_eval = min((step // config.eval_interval + 1) * config.eval_interval, config.max_iters)
+            k = k_steps if next_eval - step >= k_steps else 1
+            x, y = sample_batches(dataset.splits["train"], config.seed, step, k, batch_shape, config.block_size,
+                                  rows=trainer.local_rows())
+            x, y = trainer.shard_batch(x, y)  # several devices: one global array from each process's rows
+            dispatched = time.perf_counter()
+            state, step_metrics = trainer.train_steps(state, x, y)  # returns at once; runs asynchronously
+            scan_lengths.add(k)
+            variants = _compiled_variants(trainer.train_steps)
+            if variants is not None and variants > len(scan_lengths) and not warned_recompile:
+                warned_recompile = True
+                log(f"warning: the train step was compiled again at step {step} ({variants} versions for "
+                    f"{len(scan_lengths)} scan lengths): an input changed shape or dtype; every "
+                    "recompilation costs seconds")
+            previous, in_flight = in_flight, (step, k, step_metrics, dispatched)
+            if previous is not None:
+                finish(previous)
+            step += k
             if distributed.any_process(stop.signal is not None):  # several processes stop together
+                drain()
                 stop.signal = stop.signal or "a signal to another process"
                 save_checkpoint(step, state)
                 log(f"stopped by {stop.signal} at step {step}; resume with --config.init_from=resume")
