@@ -49,7 +49,7 @@ _NANOGPT = flags.DEFINE_string("nanogpt_dir", None, "nanogpt: a local checkout o
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "nanogpt: interleaved rounds of (haiku_gpt, nanoGPT, nanoGPT+allocator).")
 
 # glibc settings equivalent to haiku_gpt.system.tune_allocator, for the "same allocator tuning" baseline.
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
 
 
 def _random_tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
