@@ -295,7 +295,11 @@ def _plot_attention(result: dict, path: str) -> None:
         axes[1].loglog([r["seq"] for r in rows], [r["fwd_bwd_temp_mb"] for r in rows], "o-", label=impl)
     axes[0].set(xlabel="seq", ylabel="fwd+bwd ms", title=f"time ({result['backend']})")
     axes[1].set(xlabel="seq", ylabel="temp MB", title="compiled temporary memory")
+    seqs = sorted({r["seq"] for r in result["rows"]})
     for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqs, [str(s) for s in seqs])
+        ax.minorticks_off()
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
