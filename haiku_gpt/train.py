@@ -8,7 +8,6 @@ reused; params and optimizer state are donated so XLA updates them in place.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os

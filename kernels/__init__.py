@@ -3,3 +3,6 @@
 from kernels.attention import ATTENTION_IMPLS, attention, check_attention_impl
 from kernels.reference import cached_attention, reference_attention
 from kernels.flash_attention import flash_attention
+
+__all__ = ["ATTENTION_IMPLS", "attention", "cached_attention", "check_attention_impl", "flash_attention",
+           "reference_attention"]

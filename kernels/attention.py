@@ -11,7 +11,6 @@ Layout everywhere: `[batch, seq, heads, head_dim]`.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt32
 
 from kernels.reference import default_scale, reference_attention
