@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from haiku_gpt.errors import UserError
+from haiku_gpt.system import fsync_dir
 
 _PREFIX = "step_"
 _NAME = re.compile(r"step_\d{8,}")  # step_00001000; not .tmp-step_* or step_*.old-PID leftovers
@@ -42,14 +43,6 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
@@ -105,7 +98,7 @@ def save(out_dir: str, step: int, state, meta: dict, keep: int) -> str:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _prune(out_dir, keep)
     return final
 

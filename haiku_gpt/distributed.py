@@ -39,6 +39,10 @@ DATA_AXIS = "data"
 
 # --- multi-process start-up -----------------------------------------------------------------------
 
+def quiet_log(message: str) -> None:
+    """The log of processes other than process 0: only process 0 prints."""
+
+
 def cluster_environment() -> str | None:
     """The multi-process launcher this process runs under, if any (what `jax.distributed` auto-detects).
 

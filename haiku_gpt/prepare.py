@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from haiku_gpt.errors import UserError
+from haiku_gpt.system import fsync_dir
 from haiku_gpt.tokenizer import (
     MAX_VOCAB_SIZE,
     META_FILE,
@@ -210,21 +211,10 @@ def _commit(folder: Path, files: dict[str, bytes]) -> None:
             (folder / META_FILE).unlink(missing_ok=True)
         for name, tmp in staged.items():
             os.replace(tmp, folder / name)  # atomic on POSIX and Windows
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         for tmp in staged.values():  # after success these are already gone
             tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames themselves durable (POSIX; Windows has no directory fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

@@ -139,16 +139,12 @@ def read_prompt(start: str) -> str:
     return start
 
 
-def _quiet(message: str) -> None:
-    """The log of processes other than process 0."""
-
-
 def sample_from_checkpoint(config: ml_collections.ConfigDict, log=print) -> list[str]:
     """--mode=sample: load out_dir's checkpoint (or init_from's pretrained GPT-2), generate, print."""
     validate(config)
     main = distributed.is_main_process()  # several processes: each samples the same, process 0 prints
     if not main:
-        log = _quiet
+        log = distributed.quiet_log
     config = pretrained.effective_config(config, log)
     if pretrained.is_pretrained(config.init_from):  # nanoGPT's sample.py with init_from='gpt2*'
         tokenizer = pretrained.tokenizer_for(config)

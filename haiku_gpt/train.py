@@ -224,10 +224,6 @@ def _compiled_variants(fn) -> int | None:
     return cache_size() if callable(cache_size) else None
 
 
-def _quiet(message: str) -> None:
-    """The log of processes other than process 0."""
-
-
 def ensure_writable(out_dir: str) -> None:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -245,7 +241,7 @@ def train(config: ml_collections.ConfigDict, log: Callable[[str], None] = print)
     validate(config)
     main = distributed.is_main_process()  # only process 0 logs and writes metrics, plots and checkpoints
     if not main:
-        log = _quiet
+        log = distributed.quiet_log
     config = pretrained.effective_config(config, log)  # init_from=gpt2*: the checkpoint's model shape
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
     vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
@@ -411,7 +407,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, log: Callable[[str], 
     vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
     trainer = make_trainer(config, vocab_size)
     if not distributed.is_main_process():  # only process 0 prints and records
-        log = _quiet
+        log = distributed.quiet_log
     from_pretrained = pretrained.is_pretrained(config.init_from)
     if from_pretrained:  # the pretrained model itself, not a run: nothing is recorded in out_dir
         params, step = pretrained.load_model_params(trainer, config, log), 0
