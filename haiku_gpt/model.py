@@ -48,18 +48,18 @@ class GPTConfig:
 
 
 class KVCache(NamedTuple):
-    """Keys and values for positions 0..S-1, one [B, S, H, D] array per layer (unwritten slots are masked).
+    """Keys and values for positions 0..S-1, one [B, H, S, D] array per layer (unwritten slots are masked).
 
     One buffer per layer, not a stacked [L, ...] array: each layer then reads and updates only its
     own buffer, which XLA keeps in place inside the decode loop (no per-token copy of the cache).
     """
 
-    k: tuple[Float[Array, "B S H D"], ...]
-    v: tuple[Float[Array, "B S H D"], ...]
+    k: tuple[Float[Array, "B H S D"], ...]
+    v: tuple[Float[Array, "B H S D"], ...]
 
 
 def init_kv_cache(config: GPTConfig, batch_size: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch_size, config.block_size, config.n_head, config.head_dim)
+    shape = (batch_size, config.n_head, config.block_size, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
     return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)))
 
@@ -118,8 +118,8 @@ class CausalSelfAttention(hk.Module):
             # Decoding: write this step's keys/values at their positions of this layer's
             # cache (in place: only T positions are written), then attend over the cache.
             def write(buffers, new):
-                updated = jax.lax.dynamic_update_slice_in_dim(
-                    buffers[layer], new.astype(buffers[layer].dtype), positions[0], axis=1)
+                new = new.transpose(0, 2, 1, 3).astype(buffers[layer].dtype)  # [B, H, T, D]: heads-major
+                updated = jax.lax.dynamic_update_slice_in_dim(buffers[layer], new, positions[0], axis=2)
                 return buffers[:layer] + (updated,) + buffers[layer + 1:]
             cache = KVCache(write(cache.k, k), write(cache.v, v))
             y = kernels.cached_attention(q, cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype),
