@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fsdp = False  # several devices: shard params + optimizer state over them (ZeRO-3), not replicate
     c.peak_flops = 0.0  # for MFU; 0: measure this device's float32 matmul rate at start-up
     c.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over prefetched batches)
+    c.cpu_matmul_library = "auto"  # XLA:CPU matmuls: 'auto' | 'ynnpack' (small models) | 'eigen' (large)
     # sampling (--mode=sample)
     c.sample = ml_collections.ConfigDict()
     c.sample.start = "\n"  # text, or FILE:path to read the prompt from a file

@@ -251,7 +251,7 @@ def bench_nanogpt(config, nanogpt_dir: str, iters: int, rounds: int) -> dict:
     _nanogpt_data_dir(nanogpt_dir, config)
     overrides = [f"--config.{k}={config[k]}" for k in ("data_dir", "dataset", "batch_size", "block_size",
                                                         "n_layer", "n_head", "n_embd", "dropout", "dtype",
-                                                        "attention_impl", "steps_per_call")]
+                                                        "attention_impl", "steps_per_call", "cpu_matmul_library")]
     results = {"haiku_gpt": [], "nanogpt": [], "nanogpt_allocator_tuned": []}
     for r in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:

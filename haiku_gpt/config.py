@@ -8,6 +8,7 @@ import ml_collections
 
 from haiku_gpt.errors import UserError
 from haiku_gpt.model import GPTConfig
+from haiku_gpt.system import CPU_MATMUL_LIBRARIES
 from kernels import ATTENTION_IMPLS, check_attention_impl
 
 DTYPES = ("float32", "bfloat16")
@@ -65,6 +66,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:
         bad(f"--config.steps_per_call={config.steps_per_call} must be >= 1.")
+    if config.cpu_matmul_library not in CPU_MATMUL_LIBRARIES:
+        bad(f"--config.cpu_matmul_library={config.cpu_matmul_library!r} is not one of "
+            f"{', '.join(CPU_MATMUL_LIBRARIES)}.")
 
 
 def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:

@@ -9,7 +9,7 @@ Shape glossary:
 
 Token + learned position embeddings, pre-LayerNorm blocks (attention then MLP,
 each added to the residual stream), final LayerNorm, and an lm_head tied to the
-token embedding. Dropout goes through Haiku's rng (`hk.next_rng_key`), so the
+token embedding. Dropout is seeded from Haiku's rng (`hk.next_rng_key`), so the
 model is a pure function of (params, rng, tokens) after `hk.transform`.
 """
 
@@ -69,8 +69,11 @@ def _normal(std: float) -> hk.initializers.Initializer:
 
 
 def _dropout(x: Array, rate: float, is_training: bool) -> Array:
+    """Inverted dropout with hashed keep bits (`kernels.element_keep_mask`), seeded from Haiku's rng."""
     if is_training and rate > 0.0:
-        return hk.dropout(hk.next_rng_key(), rate, x)
+        seed = jax.random.bits(hk.next_rng_key(), dtype=jnp.uint32)
+        keep = kernels.element_keep_mask(seed, x.shape, rate)
+        return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
     return x
 
 

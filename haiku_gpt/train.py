@@ -25,7 +25,7 @@ import optax
 from jaxtyping import Array, Float, Int
 from tqdm import tqdm
 
-from haiku_gpt import checkpoint, distributed, pretrained
+from haiku_gpt import checkpoint, distributed, pretrained, system
 from haiku_gpt.config import MODEL_FIELDS, model_config, padded_vocab_size, validate
 from haiku_gpt.data import Dataset, batch_rng, open_dataset, sample_batch
 from haiku_gpt.errors import UserError
@@ -136,9 +136,11 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     def eval_losses(params, x, y):
         return jax.lax.map(lambda xy: loss_fn(params, None, xy[0], xy[1], False), (x, y))
 
+    options = system.cpu_compiler_options(config.cpu_matmul_library, config.batch_size * config.block_size,
+                                          config.n_embd)
     init_jit = jax.jit(init, static_argnums=0)
-    train_steps_jit = jax.jit(train_steps, donate_argnums=0)
-    eval_jit = jax.jit(eval_losses)
+    train_steps_jit = jax.jit(train_steps, donate_argnums=0, compiler_options=options)
+    eval_jit = jax.jit(eval_losses, compiler_options=options)
     if parallel is not None:  # the same functions with NamedSharding in/out shardings (distributed.py)
         init_jit, train_steps_jit, eval_jit = parallel.jit(init, train_steps, eval_losses, state_shardings)
     if config.check_attention:

@@ -1,8 +1,9 @@
 """Attention kernels: a reference einsum path, XLA's fused path and a Pallas flash kernel."""
 
 from kernels.attention import ATTENTION_IMPLS, attention, check_attention_impl
+from kernels.dropout import element_keep_mask
 from kernels.reference import cached_attention, reference_attention
 from kernels.flash_attention import flash_attention
 
-__all__ = ["ATTENTION_IMPLS", "attention", "cached_attention", "check_attention_impl", "flash_attention",
-           "reference_attention"]
+__all__ = ["ATTENTION_IMPLS", "attention", "cached_attention", "check_attention_impl", "element_keep_mask",
+           "flash_attention", "reference_attention"]

@@ -13,6 +13,7 @@ dq and dk are for a length-1 sequence: softmax over one key is constant).
 from __future__ import annotations
 
 import functools
+import math
 import importlib
 
 import jax
@@ -23,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from kernels.dropout import dropout_keep_mask
+from kernels.dropout import dropout_keep_mask, element_keep_mask
 from kernels.flash_attention import flash_attention
 from kernels.reference import reference_attention
 
@@ -381,3 +382,19 @@ def test_memory_is_linear_in_sequence_length():
     flash, ref = table["flash_attention"], table["reference_attention"]
     assert flash[2048] / flash[1024] <= 2.5
     assert ref[2048] / ref[1024] >= 3.0
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_element_dropout_mask_rate_independence_and_determinism(rate):
+    """The model's activation dropout: kept fraction ~ 1 - rate, no structure, same seed same bits."""
+    shape = (64, 3, 384)
+    keep = np.asarray(element_keep_mask(jnp.uint32(11), shape, rate))
+    n = keep.size
+    assert abs(keep.mean() - (1 - rate)) < 4 * math.sqrt(rate * (1 - rate) / n)
+    # neighbours along every axis are uncorrelated (a bad hash of the flat index shows up here)
+    for axis in range(3):
+        a, b = np.moveaxis(keep, axis, 0)[:-1], np.moveaxis(keep, axis, 0)[1:]
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
+    np.testing.assert_array_equal(element_keep_mask(jnp.uint32(11), shape, rate), keep)
+    other = np.asarray(element_keep_mask(jnp.uint32(12), shape, rate))
+    assert (other != keep).mean() > 0.5 * 2 * rate * (1 - rate)

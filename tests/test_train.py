@@ -11,6 +11,7 @@ import pytest
 
 from configs import shakespeare_char
 from haiku_gpt import checkpoint, train
+from haiku_gpt.config import validate
 from haiku_gpt.data import batch_rng, open_dataset, sample_batch
 from haiku_gpt.errors import UserError
 from haiku_gpt.optimizer import decay_mask, lr_schedule
@@ -184,3 +185,28 @@ def test_steps_per_call_gives_the_same_run_without_recompiling(tiny_config, tmp_
     assert [r["step"] for r in scanned] == [r["step"] for r in single]
     np.testing.assert_allclose([r["loss"] for r in scanned], [r["loss"] for r in single], rtol=1e-6)
     assert not [line for line in lines if "compiled again" in line]
+
+
+def test_cpu_matmul_library_choice_reaches_the_compiled_step(tiny_config):
+    """'auto' keeps YNNPACK for small models and Eigen for large ones; the option really is compiled in."""
+    from haiku_gpt.system import YNNPACK_MAX_ACTIVATIONS, cpu_compiler_options
+    assert cpu_compiler_options("auto", 768, 128) is None  # the CPU recipe
+    eigen = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert cpu_compiler_options("auto", 16384, 384) == eigen  # shakespeare_char
+    assert cpu_compiler_options("auto", YNNPACK_MAX_ACTIVATIONS + 1, 1) == eigen
+    assert cpu_compiler_options("ynnpack", 16384, 384) is None
+    assert cpu_compiler_options("eigen", 768, 128) == eigen
+
+    def compiled_text(library):
+        tiny_config.cpu_matmul_library = library
+        trainer = train.make_trainer(tiny_config, 65)
+        state = trainer.init(0)
+        x = jnp.zeros((1, 1, tiny_config.batch_size, tiny_config.block_size), jnp.int32)
+        return trainer.train_steps.lower(state, x, x).compile().as_text()
+
+    tiny_config.check_attention = False
+    assert "__ynn_fusion" in compiled_text("ynnpack")
+    assert "__ynn_fusion" not in compiled_text("eigen")
+    tiny_config.cpu_matmul_library = "mkl"
+    with pytest.raises(UserError, match="cpu_matmul_library='mkl' is not one of auto, ynnpack, eigen"):
+        validate(tiny_config)
