@@ -18,6 +18,7 @@ def get_config():
     c.n_head = 4
     c.n_embd = 128
     c.dropout = 0.0
+    c.attention_impl = "blocked"  # the reference's numbers, ~25% less attention time at block 256 on CPU
     c.learning_rate = 6e-4
     c.max_iters = 2000
     c.lr_decay_iters = 2000

@@ -18,6 +18,7 @@ def get_config():
     c.n_layer = 6
     c.n_head = 6
     c.n_embd = 384
+    c.attention_impl = "blocked"  # the reference's numbers, ~25% less attention time at block 256 on CPU
     c.dropout = 0.2
     c.learning_rate = 1e-3  # a baby network can take a higher rate
     c.max_iters = 5000

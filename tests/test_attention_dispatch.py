@@ -1,5 +1,7 @@
 """The model's attention dispatch: choices, chex cross-checking, and pallas training like reference."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from haiku_gpt.model import GPTConfig, make_model
 
 def test_unknown_impl_lists_the_choices():
     q = jnp.ones((1, 4, 2, 8))
-    with pytest.raises(ValueError, match="choose one of reference, xla, pallas"):
+    with pytest.raises(ValueError, match="choose one of reference, blocked, xla, pallas"):
         kernels.attention(q, q, q, impl="flashy")
 
 
@@ -22,8 +24,9 @@ def test_xla_refuses_attention_dropout():
         kernels.check_attention_impl("xla", dropout_rate=0.1)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_impls_match_reference_in_the_model_forward_and_grad(impl):
+@pytest.mark.parametrize("impl", ["blocked", "xla", "pallas"])
+def test_impls_match_reference_in_the_model_forward_and_grad(impl, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "BLOCKED_QUERY_BLOCK", 6)  # 3 blocks
     cfg = GPTConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=32)
     idx = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 29)
     params = make_model(cfg).init(jax.random.PRNGKey(0), idx)

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 
 from kernels.dropout import dropout_keep_mask, element_keep_mask
 from kernels.flash_attention import flash_attention
-from kernels.reference import reference_attention
+from kernels.reference import blocked_causal_attention, reference_attention
 
 # `kernels/__init__.py` re-exports the function `flash_attention`, which shadows
 # the submodule attribute, so `import kernels.flash_attention as fa` would bind
@@ -398,3 +398,23 @@ def test_element_dropout_mask_rate_independence_and_determinism(rate):
     np.testing.assert_array_equal(element_keep_mask(jnp.uint32(11), shape, rate), keep)
     other = np.asarray(element_keep_mask(jnp.uint32(12), shape, rate))
     assert (other != keep).mean() > 0.5 * 2 * rate * (1 - rate)
+
+
+@pytest.mark.parametrize("seq,block_q", [(48, 16), (50, 16), (64, 64), (40, 64)])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_blocked_causal_attention_equals_reference(seq, block_q, rate):
+    """Query blocks over their visible keys: the reference's numbers, dropout bits and gradients."""
+    q, k, v, do = random_inputs(3, 2, seq, 2, 16)
+    seed = jnp.uint32(5)
+
+    def value_and_vjp(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, dropout_rate=rate, dropout_seed=seed), q, k, v)
+        return out, vjp(do)
+
+    out, grads = jax.jit(lambda: value_and_vjp(
+        functools.partial(blocked_causal_attention, block_q=block_q)))()
+    ref_out, ref_grads = jax.jit(lambda: value_and_vjp(
+        functools.partial(reference_attention, causal=True)))()
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

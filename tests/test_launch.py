@@ -94,7 +94,7 @@ BAD_INPUTS = [
     (["--config.n_layr=3"], 'Did you mean "n_layer"'),
     (["--config.n_layer=abc"], "invalid literal for int()"),
     (["--config.n_embd=33"], "n_embd=33 is not divisible by n_head=2"),
-    (["--config.attention_impl=flashy"], "unknown attention_impl 'flashy'; choose one of reference, xla, pallas"),
+    (["--config.attention_impl=flashy"], "unknown attention_impl 'flashy'; choose one of reference, blocked, xla, pallas"),
     (["--mode=bogus"], "value should be one of <train|sample|eval"),
     (["--config.dtype=float16"], "--config.dtype='float16' is not supported"),
     (["--config.dataset=nope"], "run `python data/text/prepare.py --input PATH/to/text --name nope`"),
