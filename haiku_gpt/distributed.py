@@ -206,15 +206,16 @@ class DataParallel:
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
         return jax.tree.map(one, tree, shardings)
 
-    def jit(self, init: Callable, train_steps: Callable, eval_losses: Callable, state_shardings: Any):
+    def jit(self, init: Callable, train_steps: Callable, eval_losses: Callable, state_shardings: Any,
+            compiler_options: dict | None = None):
         """The trainer's three jitted functions with in/out shardings (see train.make_trainer)."""
         params_shardings = state_shardings.params
         batch4, batch3 = self.batch_sharding(4), self.batch_sharding(3)
         init_jit = jax.jit(init, static_argnums=0, out_shardings=state_shardings)
         train_jit = jax.jit(train_steps, donate_argnums=0, in_shardings=(state_shardings, batch4, batch4),
-                            out_shardings=(state_shardings, self.replicated))
+                            out_shardings=(state_shardings, self.replicated), compiler_options=compiler_options)
         eval_jit = jax.jit(eval_losses, in_shardings=(params_shardings, batch3, batch3),
-                           out_shardings=self.replicated)
+                           out_shardings=self.replicated, compiler_options=compiler_options)
         return init_jit, train_jit, eval_jit
 
 

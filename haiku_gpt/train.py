@@ -142,7 +142,7 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     train_steps_jit = jax.jit(train_steps, donate_argnums=0, compiler_options=options)
     eval_jit = jax.jit(eval_losses, compiler_options=options)
     if parallel is not None:  # the same functions with NamedSharding in/out shardings (distributed.py)
-        init_jit, train_steps_jit, eval_jit = parallel.jit(init, train_steps, eval_losses, state_shardings)
+        init_jit, train_steps_jit, eval_jit = parallel.jit(init, train_steps, eval_losses, state_shardings, options)
     if config.check_attention:
         # chex value assertions inside jit need chexify; synchronous so a mismatch stops the step.
         train_steps_jit, eval_jit = (chex.chexify(f, async_check=False) for f in (train_steps_jit, eval_jit))

@@ -71,11 +71,8 @@ def dropout_keep_mask(
 def element_keep_mask(seed, shape: tuple[int, ...], rate: float) -> Bool[Array, "..."]:
     """Keep bits for every element of an array of `shape`: a hash of (seed, flat index).
 
-    Indices wrap at 2**32 elements; a single activation is far smaller than that.
+    The index is uint32: a single activation holds far fewer than 2**32 elements.
     """
-    flat = jnp.zeros(shape, jnp.uint32)
-    for axis in range(len(shape)):
-        stride = math.prod(shape[axis + 1:]) % 2**32
-        flat = flat + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    flat = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     row = _mix32(jnp.asarray(seed).astype(jnp.uint32))
     return keep_mask(row, flat, rate)
