@@ -16,23 +16,37 @@ every block's last two dims are (rows, head dim), which is what the TPU tiling
 rules want. The transposes and pads live in XLA and are linear in T.
 
 Algorithm (https://arxiv.org/abs/2307.08691)
-  forward, grid (B, H, nq): one program owns a `[bq, Dp]` query block and walks
-    the key blocks left to right with an online softmax: a running row max `m`,
-    a running denominator `l` and an unnormalised float32 accumulator `acc`.
-    Causal: key blocks entirely above the diagonal are never visited; the loop
-    bound comes from the query block index. The only things written are O and
+  forward: one `[bq, Dp]` query block walks the key blocks left to right with
+    an online softmax: a running row max `m`, a running denominator `l` and an
+    unnormalised float32 accumulator `acc`. Causal: key blocks entirely above
+    the diagonal are never visited. The only things written are O and
     lse = m + log(l), which is all the backward needs to rebuild P block by
     block. No `[T, T]` array exists anywhere.
   backward (jax.custom_vjp; `jax.grad` cannot differentiate a pallas_call that
     uses `pl.program_id`, it fails with a bare AssertionError):
     1. delta kernel, grid (B, H, nq): delta = rowsum(dO * O).
-    2. dK/dV kernel, grid (B, H, nk): a key block walks the query blocks at or
-       below the diagonal, rebuilding P = exp(S - lse) and accumulating
-       dV += P^T dO and dK += dS^T Q with dS = P * (dP - delta).
-    3. dQ kernel, grid (B, H, nq): a query block walks the key blocks like the
-       forward and accumulates dQ += dS K.
+    2. dK/dV: a key block walks the query blocks at or below the diagonal,
+       rebuilding P = exp(S - lse) and accumulating dV += P^T dO and
+       dK += dS^T Q with dS = P * (dP - delta).
+    3. dQ: a query block walks the key blocks like the forward and accumulates
+       dQ += dS K.
     Two separate passes (rather than one with atomic adds to dQ) keep every
     output block owned by exactly one program, which is simple and portable.
+
+Two kernel families run those three block updates (`_attend`,
+`_accumulate_dkdv`, `_accumulate_dq`, shared by both):
+  loop (Triton, and the interpreter by default), grid (B, H, blocks): each
+    program holds one block and loops (`fori_loop`) over the other side's
+    blocks, which its BlockSpec hands it whole (`[Tp, Dp]` per (b, h)); the
+    loop bounds skip the blocks above the diagonal.
+  streamed (Mosaic TPU), grid (B, H, blocks, reduced blocks): the last axis is
+    a sequential ("arbitrary") reduction; K/V (and Q/dO/lse/delta in dK/dV)
+    arrive one block per step, the accumulators live in VMEM scratch,
+    initialised on the first step and written out on the last. VMEM holds a
+    few tiles whatever T is, so any sequence length compiles. Blocks above
+    the diagonal are neither computed (`pl.when`) nor fetched: their index
+    maps clamp to the last visible block, and the pipeline does not copy a
+    block whose index did not change.
 
 Attention dropout drops entries of the normalised probabilities exactly like
 `kernels.reference.reference_attention`: the keep bit of `p[b, h, i, j]` is
@@ -50,17 +64,21 @@ Mosaic GPU, which rejects some of the ops used here; passing
 `plgpu.CompilerParams` selects Triton), TPU lowers through Mosaic TPU. So
 `jax.jit(f).lower(lowering_platforms=("cuda",))` from a CPU-only machine
 builds the real Triton kernel, which is how the tests prove that the GPU and
-TPU kernels lower. Per-platform defaults for `block_q`/`block_k` (always
-clamped to the padded sequence length):
+TPU kernels lower (and, with `haiku_gpt.targets`, compile). Per-platform
+tiles (`BlockSizes`; always clamped to the padded sequence length):
   interpret (CPU): 128/128: every grid step costs interpreter overhead, so big
                    blocks are cheap.
-  Triton (GPU):    64/64, num_warps 4 (8 for Dp > 64), num_stages 2. Triton
-                   needs power-of-two block shapes, hence the padding.
-  Mosaic (TPU):    128/128. K and V of one (batch, head) are a single block
-                   resident in VMEM, which bounds T * Dp (fine for a teaching
-                   GPT; a production TPU kernel streams K/V through the grid).
-Only lowering is tested for GPU/TPU here (no hardware in CI); numerics are
-tested in interpret mode, which runs the same kernel bodies.
+  Triton (GPU):    `_triton_block_sizes`, by compute capability, dtype and Dp,
+                   chosen so shared memory fits and no kernel spills registers.
+                   Triton needs power-of-two block shapes, hence the padding.
+  Mosaic (TPU):    `_tpu_block_sizes`: the largest square tile of 512, 256 or
+                   128 whose dK/dV working set (`tpu_vmem_bytes`) stays under
+                   half the generation's scoped VMEM (16 MiB on v4/v5e/v5p,
+                   32 MiB on v6e).
+The device kind comes from this process's devices, or from `compiling_for`
+when compiling ahead of time for hardware that is not here. Numerics of both
+families are tested in interpret mode (`_streamed=True` interprets the TPU
+family), which runs the same kernel bodies.
 
 Fall-back: when q and k/v lengths differ (decode / chunked prefill) this calls
 `reference_attention` (causal mask bottom-right aligned) instead of the kernel.
@@ -68,10 +86,12 @@ Fall-back: when q and k/v lengths differ (decode / chunked prefill) this calls
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import chex
 import jax
@@ -105,22 +125,47 @@ class _Options:
     block_k: int | None
     interpret: bool | None
     debug_poison: bool
+    streamed: bool | None = None  # interpreter only: run the TPU (grid-streamed) kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and launch parameters of one compiled kernel family.
+
+    `num_warps` and `num_stages` are Triton's (GPU only). `vmem_limit_bytes` is
+    the scoped VMEM the Mosaic TPU kernels may use (TPU only).
+    """
+
+    block_q: int
+    block_k: int
+    num_warps: int | None = None
+    num_stages: int | None = None
+    vmem_limit_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Backend:
-    """How to build a pallas_call for one platform."""
+    """How to build the pallas_calls for one platform.
+
+    `streamed`: K/V (and Q/dO in the dK/dV pass) arrive block by block through
+    a reduction ("arbitrary") grid axis, with VMEM scratch accumulators (TPU).
+    Otherwise one program loops over the blocks itself (Triton: its grid has no
+    sequential axis, and scratch buffers do not exist).
+    """
 
     name: str  # "interpret" | "triton" | "mosaic_tpu"
-    default_block: int
     interpret: bool
+    streamed: bool
 
-    def compiler_params(self, head_dim_padded: int):
+    def compiler_params(self, sizes: BlockSizes, reduction_axis: bool):
         if self.name == "triton":
-            return plgpu.CompilerParams(num_warps=4 if head_dim_padded <= 64 else 8, num_stages=2)
+            return plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
         if self.name == "mosaic_tpu":
-            # Every program writes its own output block: all grid axes are parallel.
-            return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+            # Every output block belongs to one (b, h, block) program; the last
+            # axis of a streamed kernel walks the blocks it reduces over.
+            semantics = ("parallel",) * 3 + (("arbitrary",) if reduction_axis else ())
+            return pltpu.CompilerParams(dimension_semantics=semantics,
+                                        vmem_limit_bytes=sizes.vmem_limit_bytes)
         return None
 
     def seed_spec(self) -> pl.BlockSpec:
@@ -131,9 +176,10 @@ class _Backend:
         return pl.BlockSpec((1,), lambda *_: (0,))
 
 
-_INTERPRET = _Backend("interpret", default_block=128, interpret=True)
-_TRITON = _Backend("triton", default_block=64, interpret=False)
-_MOSAIC_TPU = _Backend("mosaic_tpu", default_block=128, interpret=False)
+_INTERPRET = _Backend("interpret", interpret=True, streamed=False)
+_INTERPRET_STREAMED = _Backend("interpret", interpret=True, streamed=True)
+_TRITON = _Backend("triton", interpret=False, streamed=False)
+_MOSAIC_TPU = _Backend("mosaic_tpu", interpret=False, streamed=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,20 +193,113 @@ class _Geometry:
     seq_padded: int  # Tp
     head_dim_padded: int  # Dp
 
+    @property
+    def num_q_blocks(self) -> int:  # nq
+        return self.seq_padded // self.block_q
+
+    @property
+    def num_k_blocks(self) -> int:  # nk
+        return self.seq_padded // self.block_k
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _geometry(backend: _Backend, opts: _Options, seq_len: int, head_dim: int) -> _Geometry:
+# ---------------------------------------------------------------------------
+# Block sizes per platform, device, head_dim and dtype
+# ---------------------------------------------------------------------------
+
+_device_kind_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flash_attention_device_kind", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(device_kind: str):
+    """Pick block sizes for `device_kind` (e.g. "NVIDIA H100 80GB HBM3", "TPU v5 lite")
+    while tracing in this context: for ahead-of-time compilation on another machine."""
+    token = _device_kind_override.set(device_kind)
+    try:
+        yield
+    finally:
+        _device_kind_override.reset(token)
+
+
+def _device_kind(platform: str) -> str:
+    """The kind of device being compiled for: the override, else this process's devices."""
+    kind = _device_kind_override.get()
+    if kind is not None:
+        return kind
+    try:
+        if jax.default_backend() == platform:
+            return jax.devices()[0].device_kind
+    except RuntimeError:
+        pass
+    return ""
+
+
+# Scoped VMEM the Mosaic compiler allows a kernel by default, per TPU generation
+# (device_kind substrings; the first match wins), and physical VMEM per core.
+_TPU_SCOPED_VMEM = (("v6", 32 << 20), ("v5 lite", 16 << 20), ("v5e", 16 << 20), ("v5", 16 << 20),
+                    ("v4", 16 << 20))
+_TPU_DEFAULT_SCOPED_VMEM = 16 << 20
+
+
+def tpu_vmem_bytes(block_q: int, block_k: int, head_dim_padded: int, itemsize: int) -> int:
+    """VMEM of the largest streamed TPU kernel (dK/dV) for these tiles, in bytes.
+
+    Inputs and outputs are double-buffered by the pipeline; [rows, 1] blocks
+    occupy 128 lanes; the [bq, bk] float32 temporaries are S, P, dP and dS.
+    """
+    lanes = 128
+    rows_q = block_q * head_dim_padded * itemsize  # one [bq, Dp] block
+    rows_k = block_k * head_dim_padded * itemsize
+    stats = block_q * lanes * 4  # lse or delta, [bq, 1] float32
+    pipelined = 2 * (2 * rows_q + 2 * stats + 2 * rows_k + 2 * rows_k)  # q, do, lse, delta, k, v, dk, dv
+    scratch = 2 * block_k * head_dim_padded * 4  # dk, dv accumulators
+    temporaries = 4 * block_q * block_k * 4
+    return pipelined + scratch + temporaries
+
+
+def _tpu_block_sizes(device_kind: str, head_dim_padded: int, dtype) -> BlockSizes:
+    """The largest square tile (512, 256, 128) whose dK/dV VMEM stays under half the scope."""
+    kind = device_kind.lower()
+    scoped = next((size for key, size in _TPU_SCOPED_VMEM if key in kind), _TPU_DEFAULT_SCOPED_VMEM)
+    itemsize = jnp.dtype(dtype).itemsize
+    for block in (512, 256, 128):
+        if tpu_vmem_bytes(block, block, head_dim_padded, itemsize) <= scoped // 2:
+            return BlockSizes(block, block, vmem_limit_bytes=scoped)
+    return BlockSizes(128, 128, vmem_limit_bytes=scoped)
+
+
+def _triton_block_sizes(device_kind: str, head_dim_padded: int, dtype) -> BlockSizes:
+    del device_kind, dtype
+    return BlockSizes(64, 64, num_warps=4 if head_dim_padded <= 64 else 8, num_stages=2)
+
+
+def _block_sizes(backend: _Backend, head_dim_padded: int, dtype) -> BlockSizes:
+    if backend.name == "triton":
+        return _triton_block_sizes(_device_kind("gpu"), head_dim_padded, dtype)
+    if backend.name == "mosaic_tpu":
+        return _tpu_block_sizes(_device_kind("tpu"), head_dim_padded, dtype)
+    # Interpreter: every grid step and loop iteration costs Python-level
+    # overhead, so big blocks are cheap.
+    return BlockSizes(128, 128)
+
+
+def _geometry(backend: _Backend, opts: _Options, seq_len: int, head_dim: int,
+              dtype) -> tuple[_Geometry, BlockSizes]:
+    head_dim_padded = max(16, _next_pow2(head_dim))
+    sizes = _block_sizes(backend, head_dim_padded, dtype)
     # A block never needs to be longer than the sequence rounded up to a power
     # of two (>= 16: Triton's dot needs every dim >= 16).
     cap = max(16, _next_pow2(seq_len))
-    block_q = min(opts.block_q or backend.default_block, cap)
-    block_k = min(opts.block_k or backend.default_block, cap)
+    block_q = min(opts.block_q or sizes.block_q, cap)
+    block_k = min(opts.block_k or sizes.block_k, cap)
     multiple = math.lcm(block_q, block_k)
     seq_padded = pl.cdiv(seq_len, multiple) * multiple
-    return _Geometry(seq_len, head_dim, block_q, block_k, seq_padded, max(16, _next_pow2(head_dim)))
+    geom = _Geometry(seq_len, head_dim, block_q, block_k, seq_padded, head_dim_padded)
+    return geom, dataclasses.replace(sizes, block_q=block_q, block_k=block_k)
 
 
 # ---------------------------------------------------------------------------
@@ -213,65 +352,62 @@ def _score_mask(q_pos, k_pos, *, causal: bool, seq_len: int, seq_padded: int):
     return mask
 
 
-# ---------------------------------------------------------------------------
-# Kernels. Ref shapes are per program (the BlockSpecs squeeze B and H).
-# ---------------------------------------------------------------------------
-
-
-def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    sm_scale: float, causal: bool, dropout_rate: float, geom: _Geometry):
-    # q_ref, o_ref: [bq, Dp] this program's query block
-    # k_ref, v_ref: [Tp, Dp] all keys/values of this (batch, head)
-    # lse_ref:      [bq, 1]
-    b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bq, bk = geom.block_q, geom.block_k
-    q = q_ref[...]
-    q_pos = _positions(qi, bq, axis=0)
-    if dropout_rate > 0.0:
-        row = row_hash(seed_ref[0], b, h, q_pos)  # [bq, 1], reused for every key block
-
-    def body(kj, carry):
-        acc, m_prev, l_prev = carry  # [bq, Dp], [bq, 1], [bq, 1] float32
-        k = k_ref[pl.ds(kj * bk, bk), :]
-        v = v_ref[pl.ds(kj * bk, bk), :]
-        s = _dot_nt(q, k) * sm_scale  # [bq, bk] float32 scores
-        k_pos = _positions(kj, bk, axis=1)
-        mask = _score_mask(q_pos, k_pos, causal=causal, seq_len=geom.seq_len,
-                           seq_padded=geom.seq_padded)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
-        # Online softmax: rescale what was accumulated under the old max.
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        correction = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new)  # unnormalised probabilities
-        l_new = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
-        if dropout_rate > 0.0:
-            # The denominator above saw every probability; only V's weights drop.
-            keep = keep_mask(row, k_pos, dropout_rate)
-            p = jnp.where(keep, p * (1.0 / (1.0 - dropout_rate)), 0.0)
-        acc = correction * acc + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l_new
-
-    # Key blocks holding at least one real key; causal: also not past the last
-    # query row of this block. Blocks above the diagonal are skipped outright.
-    num_k = pl.cdiv(geom.seq_len, bk)
+def _last_k_block(qi, causal: bool, geom: _Geometry):
+    """Index of the last key block query block `qi` sees: it holds a real key and,
+    causal, is not entirely above the diagonal."""
+    last = pl.cdiv(geom.seq_len, geom.block_k) - 1
     if causal:
-        num_k = jnp.minimum(num_k, pl.cdiv((qi + 1) * bq, bk))
-    init = (jnp.zeros((bq, geom.head_dim_padded), jnp.float32),
-            jnp.full((bq, 1), MASK_VALUE, jnp.float32),
-            jnp.zeros((bq, 1), jnp.float32))
-    acc, m, l = lax.fori_loop(0, num_k, body, init)
-    # Every row sees key 0 (in block 0), so l > 0: no 0/0 even for padded rows.
-    o_ref[...] = (acc / l).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+        last = jnp.minimum(last, pl.cdiv((qi + 1) * geom.block_q, geom.block_k) - 1)
+    return last
 
 
-def _delta_kernel(seed_ref, o_ref, do_ref, delta_ref):
-    # o_ref, do_ref: [bq, Dp]; delta_ref: [bq, 1]. delta_i = sum_j P_ij dP_ij = dO_i . O_i
-    del seed_ref
-    o = o_ref[...].astype(jnp.float32)
-    do = do_ref[...].astype(jnp.float32)
-    delta_ref[...] = jnp.sum(o * do, axis=1, keepdims=True)
+def _first_q_block(kj, causal: bool, geom: _Geometry):
+    """Index of the first query block that sees key block `kj` (causal: its diagonal)."""
+    return lax.div(kj * geom.block_k, geom.block_q) if causal else 0
+
+
+def _last_q_block(geom: _Geometry) -> int:
+    """Query blocks after this one hold only padding rows."""
+    return pl.cdiv(geom.seq_len, geom.block_q) - 1
+
+
+def _row_hasher(seed_ref, dropout_rate: float) -> Callable:
+    """q_pos -> the dropout row hash of this program's (batch, head) rows (None without dropout).
+
+    Reads the program ids where it is called: at a kernel's top level, since the
+    interpreter cannot evaluate `pl.program_id` inside a loop body.
+    """
+    if dropout_rate == 0.0:
+        return lambda q_pos: None
+    seed, b, h = seed_ref[0], pl.program_id(0), pl.program_id(1)
+    return lambda q_pos: row_hash(seed, b, h, q_pos)
+
+
+# ---------------------------------------------------------------------------
+# The three block updates every kernel is built from. Shapes: q, do [bq, Dp];
+# k, v [bk, Dp]; lse, delta [bq, 1]; q_pos [bq, 1]; k_pos [1, bk].
+# ---------------------------------------------------------------------------
+
+
+def _attend(q, k, v, carry, q_pos, k_pos, row, *, sm_scale: float, causal: bool,
+            dropout_rate: float, geom: _Geometry):
+    """Fold one key block into the online softmax state (acc [bq, Dp], m [bq, 1], l [bq, 1])."""
+    acc, m_prev, l_prev = carry
+    s = _dot_nt(q, k) * sm_scale  # [bq, bk] float32 scores
+    mask = _score_mask(q_pos, k_pos, causal=causal, seq_len=geom.seq_len,
+                       seq_padded=geom.seq_padded)
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    # Online softmax: rescale what was accumulated under the old max.
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    correction = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new)  # unnormalised probabilities
+    l_new = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    if dropout_rate > 0.0:
+        # The denominator above saw every probability; only V's weights drop.
+        keep = keep_mask(row, k_pos, dropout_rate)
+        p = jnp.where(keep, p * (1.0 / (1.0 - dropout_rate)), 0.0)
+    return correction * acc + _dot(p.astype(v.dtype), v), m_new, l_new
 
 
 def _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, *,
@@ -297,61 +433,190 @@ def _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, *,
     return p_applied, ds
 
 
+def _accumulate_dkdv(q, k, v, do, lse, delta, carry, q_pos, k_pos, row, **static):
+    """dV += P^T dO and dK += dS^T Q for one query block (carry: dk, dv [bk, Dp] float32)."""
+    dk, dv = carry
+    p, ds = _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, **static)
+    return dk + _dot_tn(ds.astype(q.dtype), q), dv + _dot_tn(p.astype(do.dtype), do)
+
+
+def _accumulate_dq(q, k, v, do, lse, delta, dq, q_pos, k_pos, row, **static):
+    """dQ += dS K for one key block (dq: [bq, Dp] float32)."""
+    _, ds = _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, **static)
+    return dq + _dot(ds.astype(k.dtype), k)
+
+
+# ---------------------------------------------------------------------------
+# Loop kernels (Triton, interpreter). Ref shapes are per program (the
+# BlockSpecs squeeze B and H); grid (B, H, blocks).
+# ---------------------------------------------------------------------------
+
+
+def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geom: _Geometry, **static):
+    # q_ref, o_ref: [bq, Dp] this program's query block
+    # k_ref, v_ref: [Tp, Dp] all keys/values of this (batch, head)
+    # lse_ref:      [bq, 1]
+    qi, bk = pl.program_id(2), geom.block_k
+    row_of = _row_hasher(seed_ref, static["dropout_rate"])
+    q = q_ref[...]
+    q_pos = _positions(qi, geom.block_q, axis=0)
+    row = row_of(q_pos)  # reused for every key block
+
+    def body(kj, carry):
+        k, v = k_ref[pl.ds(kj * bk, bk), :], v_ref[pl.ds(kj * bk, bk), :]
+        return _attend(q, k, v, carry, q_pos, _positions(kj, bk, axis=1), row, geom=geom, **static)
+
+    # Blocks above the diagonal (and padding-only blocks) are never visited.
+    init = (jnp.zeros((geom.block_q, geom.head_dim_padded), jnp.float32),
+            jnp.full((geom.block_q, 1), MASK_VALUE, jnp.float32),
+            jnp.zeros((geom.block_q, 1), jnp.float32))
+    acc, m, l = lax.fori_loop(0, _last_k_block(qi, static["causal"], geom) + 1, body, init)
+    # Every row sees key 0 (in block 0), so l > 0: no 0/0 even for padded rows.
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _delta_kernel(o_ref, do_ref, delta_ref):
+    # o_ref, do_ref: [bq, Dp]; delta_ref: [bq, 1]. delta_i = sum_j P_ij dP_ij = dO_i . O_i
+    o = o_ref[...].astype(jnp.float32)
+    do = do_ref[...].astype(jnp.float32)
+    delta_ref[...] = jnp.sum(o * do, axis=1, keepdims=True)
+
+
 def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                 sm_scale: float, causal: bool, dropout_rate: float, geom: _Geometry):
+                 geom: _Geometry, **static):
     # k_ref, v_ref, dk_ref, dv_ref: [bk, Dp] this program's key block
     # q_ref, do_ref: [Tp, Dp]; lse_ref, delta_ref: [Tp, 1] all rows of this (batch, head)
-    b, h, kj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bq, bk = geom.block_q, geom.block_k
+    kj, bq = pl.program_id(2), geom.block_q
+    row_of = _row_hasher(seed_ref, static["dropout_rate"])
     k, v = k_ref[...], v_ref[...]
-    k_pos = _positions(kj, bk, axis=1)
+    k_pos = _positions(kj, geom.block_k, axis=1)
 
     def body(qi, carry):
-        dk, dv = carry  # [bk, Dp] float32
         rows = pl.ds(qi * bq, bq)
-        q, do = q_ref[rows, :], do_ref[rows, :]
         q_pos = _positions(qi, bq, axis=0)
-        row = row_hash(seed_ref[0], b, h, q_pos) if dropout_rate > 0.0 else None
-        p, ds = _probs_and_dscores(q, k, v, do, lse_ref[rows, :], delta_ref[rows, :], q_pos,
-                                   k_pos, row, sm_scale=sm_scale, causal=causal,
-                                   dropout_rate=dropout_rate, geom=geom)
-        dv = dv + _dot_tn(p.astype(do.dtype), do)  # P^T dO
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)  # dS^T Q
-        return dk, dv
+        return _accumulate_dkdv(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows, :],
+                                delta_ref[rows, :], carry, q_pos, k_pos,
+                                row_of(q_pos),
+                                geom=geom, **static)
 
     # Query blocks whose rows can see this key block: causal starts at the
     # diagonal. Query blocks made only of padding rows are skipped.
-    first_q = lax.div(kj * bk, bq) if causal else 0
-    num_q = pl.cdiv(geom.seq_len, bq)
-    zeros = jnp.zeros((bk, geom.head_dim_padded), jnp.float32)
-    dk, dv = lax.fori_loop(first_q, num_q, body, (zeros, zeros))
+    zeros = jnp.zeros((geom.block_k, geom.head_dim_padded), jnp.float32)
+    dk, dv = lax.fori_loop(_first_q_block(kj, static["causal"], geom), _last_q_block(geom) + 1,
+                           body, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               sm_scale: float, causal: bool, dropout_rate: float, geom: _Geometry):
+               geom: _Geometry, **static):
     # q_ref, do_ref, dq_ref: [bq, Dp]; lse_ref, delta_ref: [bq, 1] this program's query block
     # k_ref, v_ref: [Tp, Dp] all keys/values of this (batch, head)
-    b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bq, bk = geom.block_q, geom.block_k
+    qi, bk = pl.program_id(2), geom.block_k
+    row_of = _row_hasher(seed_ref, static["dropout_rate"])
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_pos = _positions(qi, bq, axis=0)
-    row = row_hash(seed_ref[0], b, h, q_pos) if dropout_rate > 0.0 else None
+    q_pos = _positions(qi, geom.block_q, axis=0)
+    row = row_of(q_pos)
 
     def body(kj, dq):
-        k = k_ref[pl.ds(kj * bk, bk), :]
-        v = v_ref[pl.ds(kj * bk, bk), :]
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, q_pos, _positions(kj, bk, axis=1),
-                                   row, sm_scale=sm_scale, causal=causal,
-                                   dropout_rate=dropout_rate, geom=geom)
-        return dq + _dot(ds.astype(k.dtype), k)  # dS K
+        k, v = k_ref[pl.ds(kj * bk, bk), :], v_ref[pl.ds(kj * bk, bk), :]
+        return _accumulate_dq(q, k, v, do, lse, delta, dq, q_pos, _positions(kj, bk, axis=1),
+                              row, geom=geom, **static)
 
-    num_k = pl.cdiv(geom.seq_len, bk)  # same key range as the forward
-    if causal:
-        num_k = jnp.minimum(num_k, pl.cdiv((qi + 1) * bq, bk))
-    dq = lax.fori_loop(0, num_k, body, jnp.zeros((bq, geom.head_dim_padded), jnp.float32))
+    dq = lax.fori_loop(0, _last_k_block(qi, static["causal"], geom) + 1, body,
+                       jnp.zeros((geom.block_q, geom.head_dim_padded), jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Streamed kernels (Mosaic TPU). Grid (B, H, blocks, reduced blocks): the last
+# axis is sequential ("arbitrary"); accumulators live in VMEM scratch, are
+# initialised on its first step and written out on its last. Blocks a program
+# need not see are neither computed (pl.when) nor fetched: their index maps
+# clamp to a visible block, and an unchanged block index is not copied again.
+# ---------------------------------------------------------------------------
+
+
+def _streamed_forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref,
+                             l_ref, *, geom: _Geometry, **static):
+    # q_ref, o_ref, acc_ref: [bq, Dp]; k_ref, v_ref: [bk, Dp]; lse_ref, m_ref, l_ref: [bq, 1]
+    qi, kj = pl.program_id(2), pl.program_id(3)
+    row_of = _row_hasher(seed_ref, static["dropout_rate"])
+
+    @pl.when(kj == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
+        l_ref[...] = jnp.zeros_like(l_ref)
+
+    @pl.when(kj <= _last_k_block(qi, static["causal"], geom))
+    def _step():
+        q_pos = _positions(qi, geom.block_q, axis=0)
+        acc, m, l = _attend(q_ref[...], k_ref[...], v_ref[...],
+                            (acc_ref[...], m_ref[...], l_ref[...]), q_pos,
+                            _positions(kj, geom.block_k, axis=1),
+                            row_of(q_pos), geom=geom, **static)
+        acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+
+    @pl.when(kj == geom.num_k_blocks - 1)
+    def _finish():
+        o_ref[...] = (acc_ref[...] / l_ref[...]).astype(o_ref.dtype)
+        lse_ref[...] = m_ref[...] + jnp.log(l_ref[...])
+
+
+def _streamed_dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                          dv_ref, dk_acc, dv_acc, *, geom: _Geometry, **static):
+    # k_ref, v_ref, dk_ref, dv_ref, dk_acc, dv_acc: [bk, Dp]; q_ref, do_ref: [bq, Dp];
+    # lse_ref, delta_ref: [bq, 1]. Grid (B, H, nk, nq): query blocks stream past a key block.
+    kj, qi = pl.program_id(2), pl.program_id(3)
+    row_of = _row_hasher(seed_ref, static["dropout_rate"])
+
+    @pl.when(qi == 0)
+    def _init():
+        dk_acc[...] = jnp.zeros_like(dk_acc)
+        dv_acc[...] = jnp.zeros_like(dv_acc)
+
+    visible = (qi >= _first_q_block(kj, static["causal"], geom)) & (qi <= _last_q_block(geom))
+
+    @pl.when(visible)
+    def _step():
+        q_pos = _positions(qi, geom.block_q, axis=0)
+        dk, dv = _accumulate_dkdv(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
+                                  delta_ref[...], (dk_acc[...], dv_acc[...]), q_pos,
+                                  _positions(kj, geom.block_k, axis=1),
+                                  row_of(q_pos),
+                                  geom=geom, **static)
+        dk_acc[...], dv_acc[...] = dk, dv
+
+    @pl.when(qi == geom.num_q_blocks - 1)
+    def _finish():
+        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _streamed_dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+                        dq_acc, *, geom: _Geometry, **static):
+    # q_ref, do_ref, dq_ref, dq_acc: [bq, Dp]; lse_ref, delta_ref: [bq, 1]; k_ref, v_ref: [bk, Dp]
+    qi, kj = pl.program_id(2), pl.program_id(3)
+    row_of = _row_hasher(seed_ref, static["dropout_rate"])
+
+    @pl.when(kj == 0)
+    def _init():
+        dq_acc[...] = jnp.zeros_like(dq_acc)
+
+    @pl.when(kj <= _last_k_block(qi, static["causal"], geom))
+    def _step():
+        q_pos = _positions(qi, geom.block_q, axis=0)
+        dq_acc[...] = _accumulate_dq(q_ref[...], k_ref[...], v_ref[...], do_ref[...],
+                                     lse_ref[...], delta_ref[...], dq_acc[...], q_pos,
+                                     _positions(kj, geom.block_k, axis=1),
+                                     row_of(q_pos),
+                                     geom=geom, **static)
+
+    @pl.when(kj == geom.num_k_blocks - 1)
+    def _finish():
+        dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -359,18 +624,20 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
 # ---------------------------------------------------------------------------
 
 
-def _rows_spec(block: int, head_dim_padded: int) -> pl.BlockSpec:
-    """Block `i` of the rows of [B, H, Tp, Dp] (or of [B, H, Tp, 1] with width 1)."""
-    return pl.BlockSpec((None, None, block, head_dim_padded), lambda b, h, i: (b, h, i, 0))
+def _rows_spec(block: int, width: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+    """Block `index(b, h, *grid)` of the rows of [B, H, Tp, width] (width Dp, or 1 for row stats)."""
+    return pl.BlockSpec((None, None, block, width),
+                        lambda b, h, *rest: (b, h, index(b, h, *rest), 0))
 
 
-def _all_rows_spec(seq_padded: int, head_dim_padded: int) -> pl.BlockSpec:
+def _all_rows_spec(seq_padded: int, width: int) -> pl.BlockSpec:
     """All rows of one (batch, head): the kernel slices its own blocks in a loop."""
-    return pl.BlockSpec((None, None, seq_padded, head_dim_padded), lambda b, h, i: (b, h, 0, 0))
+    return pl.BlockSpec((None, None, seq_padded, width), lambda b, h, *_: (b, h, 0, 0))
 
 
 def _pallas(backend: _Backend, opts: _Options, kernel: Callable, *, name: str, grid,
-            geom: _Geometry, in_specs, out_specs, out_shapes, seed, inputs):
+            sizes: BlockSizes, in_specs, out_specs, out_shapes, inputs, seed=None,
+            scratch_shapes=()):
     """pallas_call with the backend's seed spec and compiler params.
 
     With `opts.debug_poison` every output starts as a NaN-filled buffer that is
@@ -379,8 +646,8 @@ def _pallas(backend: _Backend, opts: _Options, kernel: Callable, *, name: str, g
     checks catch it. (Without aliasing an unwritten output element is whatever
     the allocator left there, often 0, which a test could not tell apart.)
     """
-    in_specs = [backend.seed_spec(), *in_specs]
-    operands = [seed, *inputs]
+    operands = [*([] if seed is None else [seed]), *inputs]
+    in_specs = [*([] if seed is None else [backend.seed_spec()]), *in_specs]
     aliases = {}
     if opts.debug_poison:
         num_in = len(operands)
@@ -400,11 +667,16 @@ def _pallas(backend: _Backend, opts: _Options, kernel: Callable, *, name: str, g
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shapes,
+        scratch_shapes=scratch_shapes,
         input_output_aliases=aliases,
-        compiler_params=backend.compiler_params(geom.head_dim_padded),
+        compiler_params=backend.compiler_params(sizes, reduction_axis=len(grid) == 4),
         interpret=backend.interpret,
         name=name,
     )(*operands)
+
+
+def _vmem(shape) -> Any:
+    return pltpu.VMEM(shape, jnp.float32)
 
 
 def _to_kernel_layout(x, geom: _Geometry):
@@ -427,59 +699,107 @@ def _rows_to_kernel_layout(x, geom: _Geometry):
 def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed):
     """O [B, T, H, D] and lse [B, H, T] on one backend."""
     batch, seq_len, heads, head_dim = q.shape
-    geom = _geometry(backend, opts, seq_len, head_dim)
+    geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype)
     qp, kp, vp = (_to_kernel_layout(x, geom) for x in (q, k, v))
-    tp, dp = geom.seq_padded, geom.head_dim_padded
-    kernel = functools.partial(_forward_kernel, sm_scale=opts.sm_scale, causal=opts.causal,
-                               dropout_rate=opts.dropout_rate, geom=geom)
-    o, lse = _pallas(
-        backend, opts, kernel, name="flash_attention_forward",
-        grid=(batch, heads, tp // geom.block_q), geom=geom,
-        in_specs=[_rows_spec(geom.block_q, dp), _all_rows_spec(tp, dp), _all_rows_spec(tp, dp)],
-        out_specs=[_rows_spec(geom.block_q, dp), _rows_spec(geom.block_q, 1)],
-        out_shapes=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
-                    jax.ShapeDtypeStruct((batch, heads, tp, 1), jnp.float32)],
-        seed=seed, inputs=[qp, kp, vp])
+    bq, bk, dp = geom.block_q, geom.block_k, geom.head_dim_padded
+    static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
+                  geom=geom)
+    outs = [_rows_spec(bq, dp), _rows_spec(bq, 1)]
+    common = dict(name="flash_attention_forward", sizes=sizes, out_specs=outs, seed=seed,
+                  inputs=[qp, kp, vp],
+                  out_shapes=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                              jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)])
+    if backend.streamed:
+        keys = lambda b, h, i, j: jnp.minimum(j, _last_k_block(i, opts.causal, geom))
+        o, lse = _pallas(
+            backend, opts, functools.partial(_streamed_forward_kernel, **static),
+            grid=(batch, heads, geom.num_q_blocks, geom.num_k_blocks),
+            in_specs=[_rows_spec(bq, dp), _rows_spec(bk, dp, keys), _rows_spec(bk, dp, keys)],
+            scratch_shapes=[_vmem((bq, dp)), _vmem((bq, 1)), _vmem((bq, 1))], **common)
+    else:
+        o, lse = _pallas(
+            backend, opts, functools.partial(_forward_kernel, **static),
+            grid=(batch, heads, geom.num_q_blocks),
+            in_specs=[_rows_spec(bq, dp), _all_rows_spec(geom.seq_padded, dp),
+                      _all_rows_spec(geom.seq_padded, dp)], **common)
     return _from_kernel_layout(o, geom), lse[:, :, :seq_len, 0]
+
+
+def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, seed,
+             qp, kp, vp, dop, lsep, delta):
+    """dK, dV in kernel layout: per key block, over the query blocks that see it."""
+    bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
+    static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
+                  geom=geom)
+    common = dict(name="flash_attention_dkdv", sizes=sizes, seed=seed,
+                  inputs=[qp, kp, vp, dop, lsep, delta],
+                  out_shapes=[jax.ShapeDtypeStruct(kp.shape, kp.dtype),
+                              jax.ShapeDtypeStruct(vp.shape, vp.dtype)])
+    if backend.streamed:
+        # Grid (B, H, nk, nq); query blocks outside [first, last] clamp to the range.
+        last = _last_q_block(geom)
+        queries = lambda b, h, j, i: jnp.minimum(
+            jnp.maximum(i, jnp.minimum(_first_q_block(j, opts.causal, geom), last)), last)
+        keys = lambda b, h, j, i: j
+        return _pallas(
+            backend, opts, functools.partial(_streamed_dkdv_kernel, **static),
+            grid=(qp.shape[0], qp.shape[1], geom.num_k_blocks, geom.num_q_blocks),
+            in_specs=[_rows_spec(bq, dp, queries), _rows_spec(bk, dp, keys),
+                      _rows_spec(bk, dp, keys), _rows_spec(bq, dp, queries),
+                      _rows_spec(bq, 1, queries), _rows_spec(bq, 1, queries)],
+            out_specs=[_rows_spec(bk, dp, keys), _rows_spec(bk, dp, keys)],
+            scratch_shapes=[_vmem((bk, dp)), _vmem((bk, dp))], **common)
+    return _pallas(
+        backend, opts, functools.partial(_dkdv_kernel, **static),
+        grid=(qp.shape[0], qp.shape[1], geom.num_k_blocks),
+        in_specs=[_all_rows_spec(tp, dp), _rows_spec(bk, dp), _rows_spec(bk, dp),
+                  _all_rows_spec(tp, dp), _all_rows_spec(tp, 1), _all_rows_spec(tp, 1)],
+        out_specs=[_rows_spec(bk, dp), _rows_spec(bk, dp)], **common)
+
+
+def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, seed,
+           qp, kp, vp, dop, lsep, delta):
+    """dQ in kernel layout: per query block, over the key blocks it sees (like the forward)."""
+    bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
+    static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
+                  geom=geom)
+    rows = [_rows_spec(bq, dp), _rows_spec(bq, 1), _rows_spec(bq, 1)]  # do, lse, delta
+    common = dict(name="flash_attention_dq", sizes=sizes, seed=seed,
+                  inputs=[qp, kp, vp, dop, lsep, delta], out_specs=[_rows_spec(bq, dp)],
+                  out_shapes=[jax.ShapeDtypeStruct(qp.shape, qp.dtype)])
+    if backend.streamed:
+        keys = lambda b, h, i, j: jnp.minimum(j, _last_k_block(i, opts.causal, geom))
+        (dq,) = _pallas(
+            backend, opts, functools.partial(_streamed_dq_kernel, **static),
+            grid=(qp.shape[0], qp.shape[1], geom.num_q_blocks, geom.num_k_blocks),
+            in_specs=[_rows_spec(bq, dp), _rows_spec(bk, dp, keys), _rows_spec(bk, dp, keys),
+                      *rows],
+            scratch_shapes=[_vmem((bq, dp))], **common)
+    else:
+        (dq,) = _pallas(
+            backend, opts, functools.partial(_dq_kernel, **static),
+            grid=(qp.shape[0], qp.shape[1], geom.num_q_blocks),
+            in_specs=[_rows_spec(bq, dp), _all_rows_spec(tp, dp), _all_rows_spec(tp, dp), *rows],
+            **common)
+    return dq
 
 
 def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, o, lse, do):
     """(dQ, dK, dV), each [B, T, H, D], on one backend."""
     batch, seq_len, heads, head_dim = q.shape
-    geom = _geometry(backend, opts, seq_len, head_dim)
+    geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype)
     qp, kp, vp, op, dop = (_to_kernel_layout(x, geom) for x in (q, k, v, o, do))
     lsep = _rows_to_kernel_layout(lse, geom)
-    tp, dp, bq, bk = geom.seq_padded, geom.head_dim_padded, geom.block_q, geom.block_k
-    static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
-                  geom=geom)
-    row_stats = jax.ShapeDtypeStruct((batch, heads, tp, 1), jnp.float32)
-
+    bq, dp = geom.block_q, geom.head_dim_padded
     (delta,) = _pallas(
         backend, opts, _delta_kernel, name="flash_attention_delta",
-        grid=(batch, heads, tp // bq), geom=geom,
-        in_specs=[_rows_spec(bq, dp), _rows_spec(bq, dp)],
-        out_specs=[_rows_spec(bq, 1)], out_shapes=[row_stats],
-        seed=seed, inputs=[op, dop])
-
-    dk, dv = _pallas(
-        backend, opts, functools.partial(_dkdv_kernel, **static), name="flash_attention_dkdv",
-        grid=(batch, heads, tp // bk), geom=geom,
-        in_specs=[_all_rows_spec(tp, dp), _rows_spec(bk, dp), _rows_spec(bk, dp),
-                  _all_rows_spec(tp, dp), _all_rows_spec(tp, 1), _all_rows_spec(tp, 1)],
-        out_specs=[_rows_spec(bk, dp), _rows_spec(bk, dp)],
-        out_shapes=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
-                    jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        seed=seed, inputs=[qp, kp, vp, dop, lsep, delta])
-
-    (dq,) = _pallas(
-        backend, opts, functools.partial(_dq_kernel, **static), name="flash_attention_dq",
-        grid=(batch, heads, tp // bq), geom=geom,
-        in_specs=[_rows_spec(bq, dp), _all_rows_spec(tp, dp), _all_rows_spec(tp, dp),
-                  _rows_spec(bq, dp), _rows_spec(bq, 1), _rows_spec(bq, 1)],
-        out_specs=[_rows_spec(bq, dp)],
-        out_shapes=[jax.ShapeDtypeStruct(qp.shape, q.dtype)],
-        seed=seed, inputs=[qp, kp, vp, dop, lsep, delta])
-
+        grid=(batch, heads, geom.num_q_blocks), sizes=sizes,
+        in_specs=[_rows_spec(bq, dp), _rows_spec(bq, dp)], out_specs=[_rows_spec(bq, 1)],
+        out_shapes=[jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)],
+        inputs=[op, dop])
+    args = (backend, opts, geom, sizes, seed, qp, kp, vp, dop, lsep, delta)
+    dk, dv = _dkdv_on(*args)
+    dq = _dq_on(*args)
     return tuple(_from_kernel_layout(x, geom) for x in (dq, dk, dv))
 
 
@@ -490,11 +810,12 @@ def _per_platform(opts: _Options, fn: Callable, *args):
     a CPU process can still lower the Triton and Mosaic TPU kernels.
     """
     branch = lambda backend: functools.partial(fn, backend, opts)
+    interpreter = _INTERPRET_STREAMED if opts.streamed else _INTERPRET
     if opts.interpret:
-        return branch(_INTERPRET)(*args)
+        return branch(interpreter)(*args)
     compiled = dict(cuda=branch(_TRITON), rocm=branch(_TRITON), tpu=branch(_MOSAIC_TPU))
     if opts.interpret is None:  # interpreter on CPU and any other platform
-        return lax.platform_dependent(*args, cpu=branch(_INTERPRET), default=branch(_INTERPRET),
+        return lax.platform_dependent(*args, cpu=branch(interpreter), default=branch(interpreter),
                                       **compiled)
     return lax.platform_dependent(*args, **compiled)  # interpret=False: no CPU branch
 
@@ -541,6 +862,7 @@ def flash_attention(
     block_k: int | None = None,
     interpret: bool | None = None,
     _debug_poison: bool = False,
+    _streamed: bool = False,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """softmax(q k^T * sm_scale [+ causal mask]) v as a fused Pallas kernel, differentiable.
 
@@ -560,6 +882,8 @@ def flash_attention(
         (decided at lowering time); True = always interpret; False = never.
       _debug_poison: start every kernel output as NaN (tests only: catches
         elements a kernel forgets to write).
+      _streamed: in the interpreter, run the TPU kernels (K/V streamed through
+        the grid) instead of the GPU ones (tests only).
 
     If `q_len != kv_len` (decoding with a prefix) the fused kernel is not used:
     this falls back to `kernels.reference.reference_attention`, whose causal
@@ -586,7 +910,8 @@ def flash_attention(
             raise ValueError(f"{name} must be a positive multiple of 8, got {block!r}")
     opts = _Options(causal=bool(causal), sm_scale=default_scale(q.shape[-1], sm_scale),
                     dropout_rate=float(dropout_rate), block_q=block_q, block_k=block_k,
-                    interpret=interpret, debug_poison=bool(_debug_poison))
+                    interpret=interpret, debug_poison=bool(_debug_poison),
+                    streamed=bool(_streamed))
     # The seed travels as a (1,) uint32 operand (an SMEM scalar on TPU). Without
     # dropout it is a dummy that the kernels never read.
     seed = dropout_seed if dropout_rate > 0.0 else 0

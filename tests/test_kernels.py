@@ -57,12 +57,18 @@ def random_inputs(seed, batch, seq, heads, head_dim, dtype=jnp.float32):
     return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "dropout_rate", "block_q", "block_k"))
-def flash_value_and_vjp(q, k, v, do, seed, *, causal, dropout_rate, block_q=None, block_k=None):
-    """O and (dQ, dK, dV) for cotangent dO, all through the kernel, poisoned outputs."""
+@functools.partial(jax.jit, static_argnames=("causal", "dropout_rate", "block_q", "block_k",
+                                             "streamed"))
+def flash_value_and_vjp(q, k, v, do, seed, *, causal, dropout_rate, block_q=None, block_k=None,
+                        streamed=False):
+    """O and (dQ, dK, dV) for cotangent dO, all through the kernel, poisoned outputs.
+
+    `streamed=True` interprets the TPU kernels (K/V streamed through the grid,
+    scratch accumulators) instead of the GPU ones (a loop inside each program).
+    """
     fn = functools.partial(flash_attention, causal=causal, dropout_rate=dropout_rate,
                            dropout_seed=seed, block_q=block_q, block_k=block_k,
-                           _debug_poison=True)
+                           _debug_poison=True, _streamed=streamed)
     out, vjp = jax.vjp(fn, q, k, v)
     return out, vjp(do)
 
@@ -91,11 +97,12 @@ def assert_finite(*arrays):
 
 
 def check_against_float64(batch, seq, heads, head_dim, *, causal, dropout_rate, dtype,
-                          block_q=None, block_k=None, seed=0):
+                          block_q=None, block_k=None, seed=0, streamed=False):
     q, k, v, do = random_inputs(seed, batch, seq, heads, head_dim, dtype)
     dropout_seed = jnp.uint32(1234 + seed)
     out, grads = flash_value_and_vjp(q, k, v, do, dropout_seed, causal=causal,
-                                     dropout_rate=dropout_rate, block_q=block_q, block_k=block_k)
+                                     dropout_rate=dropout_rate, block_q=block_q, block_k=block_k,
+                                     streamed=streamed)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     assert out.shape == q.shape and all(g.shape == q.shape for g in grads)
     assert_finite(out, *grads)
@@ -149,6 +156,27 @@ def test_bfloat16_matches_float64_reference(batch, seq, heads, head_dim, causal,
                           dtype=jnp.bfloat16, block_q=block_q, block_k=block_k)
 
 
+# The TPU kernel family (streamed through the grid) on the cases that exercise
+# its index-map clamping: one block, padded tails, unequal blocks, dropout.
+STREAMED_CASES = [F32_CASES[i] for i in (0, 2, 4, 5, 6, 9, 11)] + [
+    (1, 300, 1, 64, True, 0.1, 64, 16),  # many key blocks above the diagonal
+]
+
+
+@pytest.mark.parametrize("batch,seq,heads,head_dim,causal,rate,block_q,block_k", STREAMED_CASES)
+def test_streamed_float32_matches_float64_reference(batch, seq, heads, head_dim, causal, rate,
+                                                    block_q, block_k):
+    check_against_float64(batch, seq, heads, head_dim, causal=causal, dropout_rate=rate,
+                          dtype=jnp.float32, block_q=block_q, block_k=block_k, streamed=True)
+
+
+@pytest.mark.parametrize("batch,seq,heads,head_dim,causal,rate,block_q,block_k", BF16_CASES[2:])
+def test_streamed_bfloat16_matches_float64_reference(batch, seq, heads, head_dim, causal, rate,
+                                                     block_q, block_k):
+    check_against_float64(batch, seq, heads, head_dim, causal=causal, dropout_rate=rate,
+                          dtype=jnp.bfloat16, block_q=block_q, block_k=block_k, streamed=True)
+
+
 def test_forward_long_sequence():
     """seq 1000 with default blocks: 8 key blocks, 24 padded rows, causal skipping."""
     q, k, v, _ = random_inputs(7, 1, 1000, 2, 32)
@@ -199,7 +227,6 @@ def test_poison_catches_unwritten_output():
     """The poisoning is honest: a kernel that skips a block leaves NaN behind."""
     opts = fa._Options(causal=True, sm_scale=1.0, dropout_rate=0.0, block_q=None, block_k=None,
                        interpret=True, debug_poison=True)
-    geom = fa._Geometry(16, 16, 8, 8, 16, 16)
 
     def lazy_kernel(seed_ref, x_ref, o_ref):
         @pl.when(pl.program_id(2) == 0)  # "forgets" every block but the first
@@ -209,30 +236,48 @@ def test_poison_catches_unwritten_output():
     x = jnp.ones((1, 1, 16, 16), jnp.float32)
     spec = fa._rows_spec(8, 16)
     (out,) = jax.jit(lambda x: fa._pallas(
-        fa._INTERPRET, opts, lazy_kernel, name="lazy", grid=(1, 1, 2), geom=geom,
+        fa._INTERPRET, opts, lazy_kernel, name="lazy", grid=(1, 1, 2), sizes=fa.BlockSizes(8, 8),
         in_specs=[spec], out_specs=[spec], out_shapes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
         seed=jnp.zeros((1,), jnp.uint32), inputs=[x]))(x)
     assert np.all(np.asarray(out[:, :, :8]) == 1.0)
     assert np.all(np.isnan(np.asarray(out[:, :, 8:])))
 
 
-def test_causal_blocks_above_diagonal_are_skipped():
+@pytest.mark.parametrize("streamed", [False, True])
+def test_causal_blocks_above_diagonal_are_skipped(streamed):
     """NaN in future keys' V cannot reach earlier rows unless those blocks are visited.
 
     Masking alone would not save them: a masked probability is 0 and 0 * NaN = NaN.
     """
+    attention = functools.partial(flash_attention, block_q=16, block_k=16, _streamed=streamed)
     q, k, v, do = random_inputs(5, 1, 64, 1, 16)
     v = v.at[:, 16:].set(jnp.nan)  # key blocks 1..3 (block_k = 16) poisoned
-    out = jax.jit(functools.partial(flash_attention, block_q=16, block_k=16))(q, k, v)
+    out = jax.jit(attention)(q, k, v)
     assert_finite(out[:, :16])  # query block 0 reads key block 0 only
     assert np.all(np.isnan(np.asarray(out[:, 16:])))  # sanity: later rows do see NaN
 
     def loss(q):
-        o = flash_attention(q, k, v, block_q=16, block_k=16)
-        return jnp.sum(o[:, :16] * do[:, :16])
+        return jnp.sum(attention(q, k, v)[:, :16] * do[:, :16])
 
     dq = jax.jit(jax.grad(loss))(q)
     assert_finite(dq[:, :16])  # the dQ pass skips the same blocks
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_dkdv_pass_skips_query_blocks_above_the_diagonal(streamed):
+    """NaN in the first query block reaches dK/dV of later key blocks only if visited.
+
+    Key block j (block 16) is seen by query rows >= 16 j: with the rows of query
+    block 0 poisoned, dK and dV of key blocks 1..3 stay finite only when the
+    dK/dV pass starts each key block at its diagonal.
+    """
+    attention = functools.partial(flash_attention, block_q=16, block_k=16, _streamed=streamed)
+    q, k, v, do = random_inputs(6, 1, 64, 1, 16)
+    q = q.at[:, :16].set(jnp.nan)
+    _, vjp = jax.vjp(attention, q, k, v)
+    _, dk, dv = jax.jit(vjp)(do)
+    assert_finite(dk[:, 16:], dv[:, 16:])
+    assert np.all(np.isnan(np.asarray(dk[:, :16])))  # sanity: key block 0 does see the NaN
 
 
 # ---------------------------------------------------------------------------
