@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dropout = 0.0
     c.bias = False
     c.vocab_size = 0  # 0: from the dataset's meta.json (BPE 50257 is padded to 50304)
-    c.attention_impl = "reference"  # 'reference' | 'blocked' (fastest on CPU) | 'xla' | 'pallas'
+    c.attention_impl = "reference"  # 'reference' | 'blocked' (fastest on CPU) | 'xla' | 'cudnn' (GPU) | 'pallas'
     c.check_attention = False  # run the reference beside attention_impl and chex-compare
     # AdamW
     c.learning_rate = 6e-4
@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fsdp = False  # several devices: shard params + optimizer state over them (ZeRO-3), not replicate
     c.peak_flops = 0.0  # for MFU; 0: measure this device's float32 matmul rate at start-up
     c.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over prefetched batches)
+    c.target = ""  # --mode=check only: compile for hardware that is not here, e.g. 'h100x8', 'tpu-v5e:2x4'
     c.cpu_matmul_library = "auto"  # XLA:CPU matmuls: 'auto' | 'ynnpack' (small models) | 'eigen' (large)
     # sampling (--mode=sample)
     c.sample = ml_collections.ConfigDict()

@@ -35,6 +35,22 @@ def padded_vocab_size(meta: dict, requested: int = 0) -> int:
     return vocab
 
 
+def _platform(config: ml_collections.ConfigDict) -> str | None:
+    """The platform the run compiles for, where it matters (cuDNN attention): the target's, or this one's."""
+    if config.attention_impl != "cudnn":
+        return None
+    if config.target:
+        from haiku_gpt import targets  # noqa: PLC0415
+
+        try:
+            return targets.parse_target(config.target).platform
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    import jax  # noqa: PLC0415 (validation runs after jax.distributed.initialize)
+
+    return jax.default_backend()
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise UserError for anything that would fail later, before any work is done."""
     def bad(msg: str) -> None:
@@ -50,7 +66,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.dropout < 1.0:
         bad(f"--config.dropout={config.dropout} must be in [0, 1).")
     try:
-        check_attention_impl(config.attention_impl, config.dropout)
+        check_attention_impl(config.attention_impl, config.dropout, platform=_platform(config),
+                             dtype=config.dtype)
     except ValueError as e:
         bad(f"{e}.")
     if config.dtype not in DTYPES:

@@ -3,7 +3,9 @@
   "reference": `kernels.reference.reference_attention` (einsum, float32 softmax).
   "blocked":   `kernels.reference.blocked_causal_attention` (the same einsums per query
                block, skipping the keys above the diagonal: the fastest choice on CPU).
-  "xla":       `jax.nn.dot_product_attention` (XLA's own fused path where it has one).
+  "xla":       `jax.nn.dot_product_attention` (plain XLA: `implementation=None`).
+  "cudnn":     `jax.nn.dot_product_attention(..., implementation="cudnn")`: cuDNN's fused
+               flash attention, the fastest GPU baseline (GPU only, bfloat16/float16, no dropout).
   "pallas":    `kernels.flash_attention.flash_attention` (fused causal flash attention;
                interpret mode on CPU, compiled on GPU/TPU).
 
@@ -17,20 +19,36 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from kernels.reference import blocked_causal_attention, default_scale, reference_attention
 
-ATTENTION_IMPLS = ("reference", "blocked", "xla", "pallas")
+ATTENTION_IMPLS = ("reference", "blocked", "xla", "cudnn", "pallas")
+NO_DROPOUT_IMPLS = ("xla", "cudnn")  # jax.nn.dot_product_attention has no attention dropout
 BLOCKED_QUERY_BLOCK = 64  # 4 blocks at block_size 256: ~5/8 of the score work, ~25% faster fwd+bwd on CPU
 
 
-def check_attention_impl(impl: str, dropout_rate: float = 0.0) -> None:
-    """Raise ValueError with the list of choices for a bad `attention_impl`."""
+def check_attention_impl(impl: str, dropout_rate: float = 0.0, *, platform: str | None = None,
+                         dtype: str | None = None) -> None:
+    """Raise ValueError, naming the fix, for an `attention_impl` that cannot run here.
+
+    `platform` ("cpu", "gpu"/"cuda", "tpu") and `dtype` (the compute dtype) are
+    checked when given: cuDNN's attention needs an NVIDIA GPU and 16-bit inputs.
+    """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(
             f"unknown attention_impl {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)} "
             f"(e.g. --config.attention_impl=reference)")
-    if impl == "xla" and dropout_rate > 0.0:
+    if impl in NO_DROPOUT_IMPLS and dropout_rate > 0.0:
         raise ValueError(
-            "attention_impl='xla' (jax.nn.dot_product_attention) has no attention dropout; "
+            f"attention_impl={impl!r} (jax.nn.dot_product_attention) has no attention dropout; "
             "set --config.dropout=0.0 or use --config.attention_impl=reference or pallas")
+    if impl != "cudnn":
+        return
+    if platform is not None and platform not in ("gpu", "cuda"):
+        raise ValueError(
+            f"attention_impl='cudnn' runs only on an NVIDIA GPU, and this run is on {platform}; use "
+            "--config.attention_impl=pallas (compiled on TPU, interpreted on CPU), xla or reference")
+    if dtype is not None and dtype not in ("bfloat16", "float16"):
+        raise ValueError(
+            f"attention_impl='cudnn' (cuDNN flash attention) takes bfloat16 or float16 inputs, not "
+            f"{dtype}; add --config.dtype=bfloat16, or use --config.attention_impl=pallas for float32")
 
 
 def attention(
@@ -52,9 +70,10 @@ def attention(
     if impl in ("reference", "blocked"):  # blocked: non-causal or cross-length has no diagonal to skip
         return reference_attention(q, k, v, causal=causal, sm_scale=sm_scale,
                                    dropout_rate=dropout_rate, dropout_seed=dropout_seed)
-    if impl == "xla":
+    if impl in ("xla", "cudnn"):
         scale = default_scale(q.shape[-1], sm_scale)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation="cudnn" if impl == "cudnn" else None)
     from kernels.flash_attention import flash_attention  # noqa: PLC0415 (Pallas import is slow)
     return flash_attention(q, k, v, causal=causal, sm_scale=sm_scale,
                            dropout_rate=dropout_rate, dropout_seed=dropout_seed)

@@ -15,13 +15,26 @@ from haiku_gpt.model import GPTConfig, make_model
 
 def test_unknown_impl_lists_the_choices():
     q = jnp.ones((1, 4, 2, 8))
-    with pytest.raises(ValueError, match="choose one of reference, blocked, xla, pallas"):
+    with pytest.raises(ValueError, match="choose one of reference, blocked, xla, cudnn, pallas"):
         kernels.attention(q, q, q, impl="flashy")
 
 
-def test_xla_refuses_attention_dropout():
+@pytest.mark.parametrize("impl", ["xla", "cudnn"])
+def test_dot_product_attention_impls_refuse_attention_dropout(impl):
     with pytest.raises(ValueError, match="no attention dropout"):
-        kernels.check_attention_impl("xla", dropout_rate=0.1)
+        kernels.check_attention_impl(impl, dropout_rate=0.1)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_cudnn_is_refused_off_gpu_with_the_alternatives(platform):
+    with pytest.raises(ValueError, match=f"only on an NVIDIA GPU, and this run is on {platform}.*pallas"):
+        kernels.check_attention_impl("cudnn", platform=platform, dtype="bfloat16")
+
+
+def test_cudnn_needs_16_bit_inputs():
+    with pytest.raises(ValueError, match="bfloat16 or float16 inputs, not float32.*--config.dtype=bfloat16"):
+        kernels.check_attention_impl("cudnn", platform="gpu", dtype="float32")
+    kernels.check_attention_impl("cudnn", platform="gpu", dtype="bfloat16")  # accepted
 
 
 @pytest.mark.parametrize("impl", ["blocked", "xla", "pallas"])
