@@ -25,6 +25,7 @@ gathering the state for a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -206,9 +207,22 @@ class DataParallel:
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
         return jax.tree.map(one, tree, shardings)
 
+    def under_mesh(self, fn: Callable) -> Callable:
+        """`fn`, traced with this mesh as JAX's ambient (abstract) mesh.
+
+        Kernels that XLA cannot partition (Pallas flash attention) read it to
+        `shard_map` themselves over the batch; everything else is unchanged.
+        """
+        @functools.wraps(fn)
+        def wrapped(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return fn(*args)
+        return wrapped
+
     def jit(self, init: Callable, train_steps: Callable, eval_losses: Callable, state_shardings: Any,
             compiler_options: dict | None = None):
         """The trainer's three jitted functions with in/out shardings (see train.make_trainer)."""
+        train_steps, eval_losses = self.under_mesh(train_steps), self.under_mesh(eval_losses)
         params_shardings = state_shardings.params
         batch4, batch3 = self.batch_sharding(4), self.batch_sharding(3)
         init_jit = jax.jit(init, static_argnums=0, out_shardings=state_shardings)

@@ -169,11 +169,11 @@ class _Backend:
         return None
 
     def seed_spec(self) -> pl.BlockSpec:
-        # The dropout seed is a (1,) uint32 operand. TPU wants scalars in SMEM;
-        # Triton and the interpreter take it as an ordinary one-element block.
+        # The dropout seed and batch offset are a (2,) uint32 operand. TPU wants
+        # scalars in SMEM; Triton and the interpreter take it as an ordinary block.
         if self.name == "mosaic_tpu":
             return pl.BlockSpec(memory_space=pltpu.SMEM)
-        return pl.BlockSpec((1,), lambda *_: (0,))
+        return pl.BlockSpec((2,), lambda *_: (0,))
 
 
 _INTERPRET = _Backend("interpret", interpret=True, streamed=False)
@@ -379,7 +379,8 @@ def _row_hasher(seed_ref, dropout_rate: float) -> Callable:
     """
     if dropout_rate == 0.0:
         return lambda q_pos: None
-    seed, b, h = seed_ref[0], pl.program_id(0), pl.program_id(1)
+    # seed_ref = [seed, batch offset]: the offset of this device's rows under shard_map.
+    seed, b, h = seed_ref[0], pl.program_id(0).astype(jnp.uint32) + seed_ref[1], pl.program_id(1)
     return lambda q_pos: row_hash(seed, b, h, q_pos)
 
 
@@ -912,8 +913,34 @@ def flash_attention(
                     dropout_rate=float(dropout_rate), block_q=block_q, block_k=block_k,
                     interpret=interpret, debug_poison=bool(_debug_poison),
                     streamed=bool(_streamed))
-    # The seed travels as a (1,) uint32 operand (an SMEM scalar on TPU). Without
-    # dropout it is a dummy that the kernels never read.
-    seed = dropout_seed if dropout_rate > 0.0 else 0
-    seed = jnp.reshape(jnp.asarray(seed).astype(jnp.uint32), (1,))
-    return _flash(q, k, v, seed, opts)
+    # The seed travels as a (2,) uint32 operand, [seed, batch offset] (SMEM
+    # scalars on TPU). Without dropout it is a dummy that the kernels never read.
+    seed = jnp.asarray(dropout_seed if dropout_rate > 0.0 else 0).astype(jnp.uint32)
+    seed = jnp.stack([seed, jnp.uint32(0)])
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _flash(q, k, v, seed, opts)
+    return _sharded_over_batch(mesh, opts, q, k, v, seed)
+
+
+def _sharded_over_batch(mesh, opts: _Options, q, k, v, seed):
+    """Under a device mesh (data-parallel training), each device runs the kernel on its batch rows.
+
+    XLA cannot partition a Pallas custom call ("Mosaic kernels cannot be
+    automatically partitioned"), so `shard_map` hands every device its own
+    `[B / n, T, H, D]` rows, the batch split over all mesh axes as the trainer
+    splits it. The batch offset keeps each row's dropout bits those of its
+    global batch index, as on one device.
+    """
+    axes = tuple(mesh.axis_names)
+    if q.shape[0] % mesh.size:
+        raise ValueError(f"flash_attention under a mesh of {mesh.size} devices splits the batch over "
+                         f"them, and batch {q.shape[0]} does not divide: use a multiple of {mesh.size}")
+    rows = jax.sharding.PartitionSpec(axes)
+
+    def local(q, k, v, seed):
+        offset = lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(q.shape[0])
+        return _flash(q, k, v, seed.at[1].add(offset), opts)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec()),
+                         out_specs=rows, check_vma=False)(q, k, v, seed)
