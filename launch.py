@@ -12,9 +12,10 @@ import os
 import signal
 import sys
 
-from haiku_gpt.system import tune_allocator
+from haiku_gpt.system import select_platforms, tune_allocator
 
 tune_allocator()  # before JAX allocates anything (see haiku_gpt/system.py)
+select_platforms()  # before JAX starts: JAX_PLATFORMS=cpu on a machine with no GPU or TPU (haiku_gpt/system.py)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -40,11 +41,15 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 
 def _run(mode, config):
     from haiku_gpt import distributed, preflight, prepare, sample, train  # noqa: PLC0415 (after flags are parsed)
+    from haiku_gpt.errors import UserError  # noqa: PLC0415
 
     main = distributed.is_main_process()  # several processes: only process 0 prints
     if main:
         print(f"config: {config.config_name}; mode: {mode}", flush=True)
-    if mode in ("train", "check"):
+    if config.target and mode != "check":
+        raise UserError(f"--config.target={config.target} compiles for hardware that is not here, so it "
+                        f"works only with --mode=check (not --mode={mode}); drop it to {mode} on this machine.")
+    if mode == "train" or (mode == "check" and not (config.target and config.vocab_size)):
         prepare.ensure_prepared(os.path.join(config.data_dir, config.dataset), config.dataset)
     if mode == "check":
         preflight.check(config, log=print if main else (lambda message: None))

@@ -3,6 +3,7 @@
   python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=train
   python -m haiku_gpt.bench --config=configs/shakespeare_char.py --what=sample
   python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=attention [--plot]
+  python -m haiku_gpt.bench --what=kernels [--targets=h100,tpu-v5e] (compile matrix; needs the aot extra)
 
 Each prints a table and writes JSON (--json_out, default bench-results/<what>.json).
 Times are medians after warm-up; compilation is reported separately. This is a
@@ -34,7 +35,15 @@ from haiku_gpt.sample import generate_tokens  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
-_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt"], "What to benchmark.")
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels"],
+                          "What to benchmark.")
+_TARGETS = flags.DEFINE_list("targets", ["a100", "h100", "tpu-v4:1x1x1", "tpu-v5e:1x1", "tpu-v5p:1x1x1",
+                                         "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.targets).")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "kernels: input dtypes.")
+_HEAD_DIMS = flags.DEFINE_list("head_dims", ["16", "32", "64", "128", "256"], "kernels: head dims.")
+_KERNEL_SEQS = flags.DEFINE_list("kernel_seqs", [], "kernels: sequence lengths (default: per platform, "
+                                 "77, 1000, 65536 on GPU and 77, 1000, 32768, 131072 on TPU).")
+_DROPOUTS = flags.DEFINE_list("dropouts", ["0.0", "0.1"], "kernels: attention dropout rates.")
 _ITERS = flags.DEFINE_integer("iters", 50, "Timed iterations (train) / repetitions (attention).")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed iterations after compilation.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary size (no dataset is read: random tokens).")
@@ -270,6 +279,22 @@ def bench_nanogpt(config, nanogpt_dir: str, iters: int, rounds: int) -> dict:
             "speedup_vs_nanogpt_allocator_tuned": med["nanogpt_allocator_tuned"] / med["haiku_gpt"]}
 
 
+def bench_kernels() -> dict:
+    """The kernel's compile matrix (haiku_gpt/kernel_matrix.py), one line per case as it compiles."""
+    from haiku_gpt import kernel_matrix  # noqa: PLC0415 (imports the aot targets)
+
+    cases = kernel_matrix.cases(_TARGETS.value, _DTYPES.value, [int(d) for d in _HEAD_DIMS.value],
+                                [int(s) for s in _KERNEL_SEQS.value] or None, [float(r) for r in _DROPOUTS.value])
+    rows = []
+    for case in cases:
+        rows.append(kernel_matrix.compile_case(case))
+        print(kernel_matrix.markdown(rows[-1:]).splitlines()[-1], flush=True)
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} cases compile with no spills and fit on-chip memory")
+    print(kernel_matrix.markdown(rows))
+    return {"rows": rows, "failed": len(failed)}
+
+
 def _config_path() -> str:
     for i, arg in enumerate(sys.argv):
         if arg.startswith("--config="):
@@ -335,6 +360,8 @@ def main(argv):
         print(f"median ms/iter: haiku_gpt {med['haiku_gpt']:.2f}, nanoGPT {med['nanogpt']:.2f} "
               f"({result['speedup_vs_nanogpt']:.2f}x), nanoGPT + allocator tuning "
               f"{med['nanogpt_allocator_tuned']:.2f} ({result['speedup_vs_nanogpt_allocator_tuned']:.2f}x)")
+    elif what == "kernels":
+        result = bench_kernels()
     else:
         result = bench_attention(config, [int(s) for s in _SEQS.value], _IMPLS.value, _ITERS.value,
                                  _MAX_PALLAS_SEQ.value)

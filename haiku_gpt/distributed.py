@@ -170,14 +170,19 @@ class DataParallel:
                 f"{batch_size}, {batch_size // n} rows per device; params and optimizer state "
                 f"{'sharded (fsdp)' if self.fsdp else 'replicated'}")
 
-    def check_batch_size(self, batch_size: int) -> None:
+    def check_batch_size(self, batch_size: int, accumulation: int = 1) -> None:
         n = self.num_shards
         if batch_size % n:
             up = -(-batch_size // n) * n
+            same_tokens = ""
+            if accumulation % n == 0:  # nanoGPT's DDP: batch_size rows per device, accumulation / n
+                same_tokens = (f"; or, as nanoGPT splits it over {n} GPUs ({batch_size} rows per device, the same "
+                               f"tokens per step), --config.batch_size={batch_size * n} "
+                               f"--config.gradient_accumulation_steps={accumulation // n}")
             raise UserError(
                 f"--config.batch_size={batch_size} is the global batch and must be divisible by the "
-                f"{n} devices it is split over ({jax.process_count()} process(es) x "
-                f"{jax.local_device_count()} devices): use a multiple of {n}, e.g. --config.batch_size={up}.")
+                f"{n} devices it is split over: use a multiple of {n}, e.g. --config.batch_size={up}"
+                f"{same_tokens}.")
 
     def local_rows(self, batch_size: int) -> slice:
         """The rows of a global batch of `batch_size` that this process's devices hold."""
@@ -233,17 +238,19 @@ class DataParallel:
         return init_jit, train_jit, eval_jit
 
 
-def make_data_parallel(config) -> DataParallel | None:
+def make_data_parallel(config, mesh: jax.sharding.Mesh | None = None) -> DataParallel | None:
     """The run's mesh, or None on a single device (then nothing is sharded: today's exact code path).
 
+    `mesh`: use this one (another machine's compile-only devices), even with one device.
     The global batch must split evenly over the devices: a UserError says so otherwise.
     """
-    n = jax.device_count()
-    if n == 1:
-        return None
-    mesh = jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    if mesh is None:
+        n = jax.device_count()
+        if n == 1:
+            return None
+        mesh = jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,))
     parallel = DataParallel(mesh, fsdp=bool(config.get("fsdp", False)))
-    parallel.check_batch_size(config.batch_size)
+    parallel.check_batch_size(config.batch_size, config.gradient_accumulation_steps)
     return parallel
 
 

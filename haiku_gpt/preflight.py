@@ -265,8 +265,10 @@ class Report:
     analytic_flops: float
     available: int | None
     available_source: str
+    devices: int = 1
     traced: list[str] = dataclasses.field(default_factory=list)
     compiled_flops: float | None = None  # XLA's count for one call (an accumulation loop's body once)
+    kernels: list[str] = dataclasses.field(default_factory=list)  # --config.target: the kernels' resources
     accumulation: int = 1
     memory: dict | None = None  # compiled: argument, output, alias, temp, peak
     seconds: float = 0.0
@@ -301,6 +303,7 @@ class Report:
         else:
             rows.append(("memory available", f"{_bytes(self.available)} ({self.available_source}); "
                                               f"the step needs {self.estimate / self.available:.1%} of it"))
+        rows += [("kernel " + line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in self.kernels]
         rows.append(("shapes checked", ", ".join(self.traced) + " (jaxtyping + beartype)"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -331,12 +334,16 @@ def _refuse(report: Report, what: str, config: ml_collections.ConfigDict) -> Non
     a = report.analytic
     need, have = report.estimate, report.available
     tips = []
-    if a["state"] > have:  # no batch size or dtype can help: the model itself is too big
+    if a["state"] > have and (config.fsdp or report.devices == 1):  # no batch size or dtype can help
         tips.append(f"a smaller model: the parameters, gradients and AdamW state alone take {_bytes(a['state'])} "
                     f"({report.params / 1e9:.2f}B parameters x 16 bytes), whatever the batch size or dtype; "
                     f"use fewer layers (--config.n_layer, now {config.n_layer}) or a narrower model "
                     f"(--config.n_embd, now {config.n_embd})")
-    else:
+    if report.devices > 1 and not config.fsdp:
+        tips.insert(0, f"--config.fsdp=True (shard the parameters, gradients and AdamW state over the "
+                       f"{report.devices} devices instead of replicating them: {_bytes(a['state'])} of state "
+                       f"becomes about {_bytes(a['state'] / report.devices)} per device)")
+    if a["state"] <= have:
         if config.batch_size > 1:
             tips.append(f"a smaller --config.batch_size (now {config.batch_size}) with a larger "
                         f"--config.gradient_accumulation_steps (now {config.gradient_accumulation_steps}) to "
@@ -384,6 +391,49 @@ def _trace(stage: str, fn: Callable, *args):
                         "was allocated; this is a bug in the model code or a config it does not support.") from None
 
 
+def _target(config: ml_collections.ConfigDict):
+    """(Target, its mesh) for `--config.target=...`, else (None, None): this machine's devices."""
+    if not config.get("target"):
+        return None, None
+    from haiku_gpt import targets  # noqa: PLC0415 (the aot extra is optional)
+
+    target = targets.parse_target(config.target)
+    return target, targets.make_mesh(target)
+
+
+def _kernel_line(kernel) -> str:
+    """One kernel's resources as the report prints them ("name: ...")."""
+    if kernel.platform == "tpu":
+        limit = kernel.vmem_limit_bytes
+        used = "unknown" if kernel.vmem_bytes is None else _bytes(kernel.vmem_bytes)
+        return f"{kernel.name}: VMEM {used}" + (f" of {_bytes(limit)} scoped" if limit else "")
+    spills = (kernel.spill_store_bytes or 0) + (kernel.spill_load_bytes or 0)
+    smem = kernel.shared_memory_bytes
+    text = (f"{kernel.name}: {kernel.registers} registers, {spills} bytes spilled, shared memory "
+            f"{'unknown' if smem is None else _bytes(smem)}, {(kernel.threads_per_block or 0) // 32} warps")
+    return text + "".join(f"; ptxas: {w}" for w in kernel.warnings)
+
+
+def _compile_for_target(report: Report, target, trainer, state, tokens, config) -> None:
+    """Compile the sharded train step for `target`'s compile-only devices; refuse it if it does not fit."""
+    from haiku_gpt import targets  # noqa: PLC0415
+    from kernels.flash_attention import compiling_for  # noqa: PLC0415
+
+    with compiling_for(target.device_kind):
+        result = targets.compile_for(target, trainer.train_steps, state, tokens, tokens,
+                                     kernels="flash_attention_")
+    if result.flops is not None:
+        report.compiled_flops = result.flops * target.num_devices  # per device -> the whole step
+    m = result.memory
+    report.memory = {"argument": m.argument_bytes, "output": m.output_bytes, "alias": m.alias_bytes,
+                     "temp": m.temp_bytes, "peak": m.peak_bytes}
+    report.kernels = [_kernel_line(k) for k in result.kernels]
+    if m.peak_bytes > target.hbm_bytes:
+        _refuse(report, f"XLA's memory plan of the step compiled for {target.name}, per device: arguments "
+                        f"{_bytes(m.argument_bytes)}, outputs {_bytes(m.output_bytes)}, temporaries "
+                        f"{_bytes(m.temp_bytes)}", config)
+
+
 def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callable[[str], None] | None = None,
         vocab_size: int | None = None, valid_vocab: int | None = None) -> Report:
     """The preflight for `config` (validated here); raises UserError when the run cannot work.
@@ -399,19 +449,29 @@ def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callab
     t0 = time.perf_counter()
     validate(config)
     config = pretrained.effective_config(config, log=lambda message: None)  # init_from=gpt2*: its shape
+    if vocab_size is None and config.get("target") and config.vocab_size:
+        vocab_size = valid_vocab = config.vocab_size  # compile-only: no dataset needed for the shapes
     if vocab_size is None:
         dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
         vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
         valid_vocab = dataset.vocab_size
     mcfg = model_config(config, vocab_size)
-    device = jax.devices()[0]
-    available, source = available_memory(device)
-    analytic = analytic_memory(config, mcfg, jax.device_count())
+    target, mesh = _target(config)
+    if target is None:
+        device = jax.devices()[0]
+        available, source = available_memory(device)
+        devices, device_desc = jax.device_count(), f"{device.platform} ({device.device_kind})"
+    else:
+        available, source = target.hbm_bytes, f"{target.device_kind} HBM per device"
+        devices = target.num_devices
+        device_desc = (f"{target.name}: {devices} x {target.device_kind}, compile-only (params and AdamW state "
+                       f"{'sharded, fsdp' if config.fsdp else 'replicated'}; batch split over the devices)")
+    analytic = analytic_memory(config, mcfg, devices)
     model_desc = (f"{mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} wide, block {mcfg.block_size}, "
                   f"vocab {mcfg.vocab_size}, batch {config.batch_size} x {config.gradient_accumulation_steps}, "
                   f"{config.dtype}, attention {config.attention_impl}")
     report = Report(
-        config_name=config.config_name, model=model_desc, device=f"{device.platform} ({device.device_kind})",
+        config_name=config.config_name, model=model_desc, device=device_desc, devices=devices,
         params=analytic["params"], params_nanogpt=analytic["params"] - mcfg.block_size * mcfg.n_embd,
         analytic=analytic, analytic_flops=flops_per_step(config, mcfg), available=available,
         available_source=source, accumulation=config.gradient_accumulation_steps)
@@ -423,7 +483,7 @@ def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callab
     # assertions) needs concrete values, so these traces leave it out: it changes no shape.
     check_config = ml_collections.ConfigDict(config.to_dict())
     check_config.check_attention = False
-    trainer = train.make_trainer(check_config, vocab_size)
+    trainer = train.make_trainer(check_config, vocab_size, mesh=mesh)
     state = _trace("init", functools.partial(trainer.init, config.seed))
     report.params = sum(x.size for x in jax.tree.leaves(state.params))
     report.params_nanogpt = count_params(state.params)
@@ -442,7 +502,9 @@ def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callab
     _trace("decode step", decode, state.params, prompt, jax.ShapeDtypeStruct((2,), jnp.uint32))
     report.traced.append("decode")
 
-    if compile:
+    if compile and target is not None:
+        _compile_for_target(report, target, trainer, state, tokens, config)
+    elif compile:
         compiled = trainer.train_steps.lower(state, tokens, tokens).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 
 # glibc mallopt parameters (malloc.h)
@@ -71,3 +72,77 @@ def cpu_compiler_options(library: str, tokens: int, width: int) -> dict[str, str
         return None
     eigen = library == "eigen" or (library == "auto" and tokens * width > YNNPACK_MAX_ACTIVATIONS)
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if eigen else None
+
+
+# --- which accelerator platforms JAX should try ----------------------------------------------------
+
+_NVIDIA_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")  # the files JAX itself looks for
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPUs attached through vfio (v5e, v6e) show up as Google PCI devices
+# libtpu's start-up on a machine without a TPU: with these it stays silent (it otherwise prints a
+# TPU_WORKER_HOSTNAMES error and host-bounds warnings) and compile-only topologies still work.
+# ALLOW_MULTIPLE_LIBTPU_LOAD: without a TPU there is nothing for /tmp/libtpu_lockfile to guard, and
+# without it a second process that compiles for a TPU target fails with "libtpu multi-process lockfile".
+QUIET_LIBTPU_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+
+
+def has_nvidia_gpu() -> bool:
+    """An NVIDIA GPU's device files exist (the test JAX's CUDA backend makes)."""
+    return any(os.path.exists(path) for path in _NVIDIA_DEVICE_FILES) or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def has_tpu() -> bool:
+    """A TPU is attached: /dev/accel* (v2-v4, v5p) or a Google PCI device (v5e, v6e through vfio)."""
+    if glob.glob("/dev/accel*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def has_amd_gpu() -> bool:
+    return os.path.exists("/dev/kfd")
+
+
+def quiet_absent_accelerators() -> None:
+    """Environment defaults that keep JAX's GPU and TPU plugins quiet where their hardware is absent.
+
+    No NVIDIA GPU: skip the CUDA plugin's cuDNN/CUDA version check (it raises, and JAX logs a
+    traceback, when the libraries are missing; without a GPU JAX skips the CUDA backend anyway).
+    No TPU: `QUIET_LIBTPU_ENV`. Values the user set are kept; a machine with the hardware is untouched.
+    Must run before JAX discovers its plugins (the first `jax.devices()` or compile).
+    """
+    if not has_nvidia_gpu():
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if not has_tpu():
+        for name, value in QUIET_LIBTPU_ENV.items():
+            os.environ.setdefault(name, value)
+
+
+def select_platforms() -> str | None:
+    """Set JAX_PLATFORMS=cpu on a machine without any accelerator, when the user has not set it.
+
+    With the `aot` extra installed (libtpu and the CUDA plugin, for compiling for hardware that is
+    not here), JAX would otherwise initialise both plugins at start-up on every machine: the CUDA
+    plugin logs a cuDNN traceback, libtpu prints worker-hostname errors, and both cost start-up time.
+    Where an NVIDIA GPU, a TPU or an AMD GPU is present nothing changes: JAX picks the backend as it
+    always does (only the absent platform is kept quiet, see `quiet_absent_accelerators`).
+    Compile-only targets (`haiku_gpt.targets`) work with JAX_PLATFORMS=cpu: they load the plugins
+    themselves. Call before `import jax`. Returns the value set, or None when nothing was set.
+    """
+    quiet_absent_accelerators()
+    if "JAX_PLATFORMS" in os.environ:  # the user's choice, even an empty one (JAX's automatic choice)
+        return None
+    if has_nvidia_gpu() or has_tpu() or has_amd_gpu():
+        return None
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return "cpu"

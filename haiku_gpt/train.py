@@ -87,7 +87,9 @@ def make_loss_fn(model: hk.Transformed, compute_dtype) -> Callable:
     return loss_fn
 
 
-def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
+def make_trainer(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    """The run's model and jitted functions; `mesh`: lay them out over these devices instead of this
+    process's (compile-only devices of `haiku_gpt.targets`, for `--mode=check --config.target=...`)."""
     mcfg = model_config(config, vocab_size)
     model = make_model(mcfg)
     optimizer = make_optimizer(config)
@@ -95,7 +97,7 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     loss_fn = make_loss_fn(model, compute_dtype)
     accum = config.gradient_accumulation_steps
-    parallel = distributed.make_data_parallel(config)  # None on one device: nothing below is sharded
+    parallel = distributed.make_data_parallel(config, mesh)  # None on one device: nothing below is sharded
 
     # Initialise without the attention cross-check: same parameters, and init may run
     # abstractly (jax.eval_shape), where chex's value assertions cannot.
@@ -136,8 +138,8 @@ def make_trainer(config: ml_collections.ConfigDict, vocab_size: int) -> Trainer:
     def eval_losses(params, x, y):
         return jax.lax.map(lambda xy: loss_fn(params, None, xy[0], xy[1], False), (x, y))
 
-    options = system.cpu_compiler_options(config.cpu_matmul_library, config.batch_size * config.block_size,
-                                          config.n_embd)
+    options = None if mesh is not None else system.cpu_compiler_options(
+        config.cpu_matmul_library, config.batch_size * config.block_size, config.n_embd)
     init_jit = jax.jit(init, static_argnums=0)
     train_steps_jit = jax.jit(train_steps, donate_argnums=0, compiler_options=options)
     eval_jit = jax.jit(eval_losses, compiler_options=options)

@@ -108,6 +108,7 @@ from kernels.reference import default_scale, reference_attention
 # A finite "minus infinity" for masked scores: exp(MASK - m) underflows to 0,
 # while a masked-only block can never produce inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+MAX_HEAD_DIM = 256  # the GPU tiles are tuned up to a padded head_dim of 256
 
 # ---------------------------------------------------------------------------
 # Static configuration
@@ -272,9 +273,33 @@ def _tpu_block_sizes(device_kind: str, head_dim_padded: int, dtype) -> BlockSize
     return BlockSizes(128, 128, vmem_limit_bytes=scoped)
 
 
+# (block_q, block_k, num_warps, num_stages) per padded head_dim: the largest tiles whose four
+# kernels compile with no register spills and within shared memory, measured with ptxas on
+# the deviceless A100 / H100 compiles, with and without dropout (see README's compile matrix).
+# float32 (precision HIGHEST) dots are IEEE FMA loops on CUDA cores, not tensor cores: each
+# thread holds its whole slice of both operands, so the tiles are small or the warps many.
+_TRITON_FLOAT32 = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2)}
+_TRITON_FLOAT32_256 = {9: (32, 32, 16, 2), 8: (16, 32, 8, 2)}
+_TRITON_16BIT = {  # bfloat16/float16 on tensor cores: wgmma on Hopper (sm_90), mma.sync on Ampere (sm_80)
+    9: {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
+    8: {16: (128, 128, 8, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
+}
+
+
+def _gpu_generation(device_kind: str) -> int:
+    """Compute capability major the tiles are chosen for: 9 for Hopper, else 8 (Ampere's
+    tiles, which also compile, unspilled, everywhere newer)."""
+    return 9 if any(name in device_kind.upper() for name in ("H100", "H200", "H800", "GH200")) else 8
+
+
 def _triton_block_sizes(device_kind: str, head_dim_padded: int, dtype) -> BlockSizes:
-    del device_kind, dtype
-    return BlockSizes(64, 64, num_warps=4 if head_dim_padded <= 64 else 8, num_stages=2)
+    generation = _gpu_generation(device_kind)
+    if jnp.dtype(dtype) == jnp.float32:
+        tiles = _TRITON_FLOAT32_256[generation] if head_dim_padded == 256 else _TRITON_FLOAT32[head_dim_padded]
+    else:
+        tiles = _TRITON_16BIT[generation][head_dim_padded]
+    block_q, block_k, num_warps, num_stages = tiles
+    return BlockSizes(block_q, block_k, num_warps=num_warps, num_stages=num_stages)
 
 
 def _block_sizes(backend: _Backend, head_dim_padded: int, dtype) -> BlockSizes:
@@ -411,19 +436,22 @@ def _attend(q, k, v, carry, q_pos, k_pos, row, *, sm_scale: float, causal: bool,
     return correction * acc + _dot(p.astype(v.dtype), v), m_new, l_new
 
 
-def _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, *,
-                       sm_scale: float, causal: bool, dropout_rate: float, geom: _Geometry):
+def _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, *, sm_scale: float,
+                       causal: bool, dropout_rate: float, geom: _Geometry, transposed: bool = False):
     """Rebuild one [bq, bk] tile of P from lse and return (P as applied to V, dS).
 
     dS is the gradient w.r.t. the *unscaled* scores q.k, i.e. already times sm_scale.
+    `transposed`: the [bk, bq] tiles P^T and dS^T instead, with lse, delta and q_pos
+    given as [1, bq] rows and k_pos as a [bk, 1] column (every other step is
+    elementwise, so only the two dots change).
     """
-    s = _dot_nt(q, k) * sm_scale
+    s = (_dot_nt(k, q) if transposed else _dot_nt(q, k)) * sm_scale
     mask = _score_mask(q_pos, k_pos, causal=causal, seq_len=geom.seq_len,
                        seq_padded=geom.seq_padded)
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     p = jnp.exp(s - lse)  # exact softmax probabilities (masked ones are 0)
-    dp = _dot_nt(do, v)  # gradient w.r.t. the probabilities that multiplied V
+    dp = _dot_nt(v, do) if transposed else _dot_nt(do, v)  # w.r.t. the probabilities that multiplied V
     p_applied = p
     if dropout_rate > 0.0:
         keep = keep_mask(row, k_pos, dropout_rate)
@@ -434,10 +462,19 @@ def _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, *,
     return p_applied, ds
 
 
-def _accumulate_dkdv(q, k, v, do, lse, delta, carry, q_pos, k_pos, row, **static):
-    """dV += P^T dO and dK += dS^T Q for one query block (carry: dk, dv [bk, Dp] float32)."""
+def _accumulate_dkdv(q, k, v, do, lse, delta, carry, q_pos, k_pos, row, *, transposed: bool = False,
+                     **static):
+    """dV += P^T dO and dK += dS^T Q for one query block (carry: dk, dv [bk, Dp] float32).
+
+    `transposed` (see `_probs_and_dscores`) builds P^T and dS^T directly, so both
+    products are plain `a @ b`: on Hopper, `a.T @ b` of a tile held in registers
+    makes ptxas serialize the dK/dV kernel's wgmma instructions.
+    """
     dk, dv = carry
-    p, ds = _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, **static)
+    p, ds = _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, transposed=transposed,
+                               **static)
+    if transposed:
+        return dk + _dot(ds.astype(q.dtype), q), dv + _dot(p.astype(do.dtype), do)
     return dk + _dot_tn(ds.astype(q.dtype), q), dv + _dot_tn(p.astype(do.dtype), do)
 
 
@@ -491,15 +528,18 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
     kj, bq = pl.program_id(2), geom.block_q
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
     k, v = k_ref[...], v_ref[...]
-    k_pos = _positions(kj, geom.block_k, axis=1)
+    # 16-bit inputs: [bk, bq] tiles (P^T, dS^T), which keep Hopper's wgmma pipelined.
+    # float32 keeps [bq, bk]: its CUDA-core dots spill with the transposed form.
+    transposed = k.dtype != jnp.float32
+    k_pos = _positions(kj, geom.block_k, axis=0 if transposed else 1)
+    stats = (lambda x: x.T) if transposed else (lambda x: x)  # lse, delta: [1, bq] rows when transposed
 
     def body(qi, carry):
         rows = pl.ds(qi * bq, bq)
-        q_pos = _positions(qi, bq, axis=0)
-        return _accumulate_dkdv(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows, :],
-                                delta_ref[rows, :], carry, q_pos, k_pos,
-                                row_of(q_pos),
-                                geom=geom, **static)
+        q_pos = _positions(qi, bq, axis=1 if transposed else 0)
+        return _accumulate_dkdv(q_ref[rows, :], k, v, do_ref[rows, :], stats(lse_ref[rows, :]),
+                                stats(delta_ref[rows, :]), carry, q_pos, k_pos, row_of(q_pos),
+                                transposed=transposed, geom=geom, **static)
 
     # Query blocks whose rows can see this key block: causal starts at the
     # diagonal. Query blocks made only of padding rows are skipped.
@@ -896,6 +936,9 @@ def flash_attention(
     chex.assert_type([q, k, v], q.dtype)
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise TypeError(f"flash_attention needs floating inputs, got {q.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention supports head_dim up to {MAX_HEAD_DIM}, got {q.shape[-1]}: use "
+                         "more heads (n_head) for the same width, or attention_impl='reference'")
     keep_threshold(dropout_rate)  # validates 0 <= rate < 1
     if dropout_rate > 0.0 and dropout_seed is None:
         raise ValueError("dropout_rate > 0 needs a dropout_seed")

@@ -3,10 +3,14 @@
 import os
 from pathlib import Path
 
-import pytest
+from haiku_gpt.system import select_platforms
 
-from configs import tiny
-from haiku_gpt import prepare
+select_platforms()  # before any test imports JAX: JAX_PLATFORMS=cpu on a machine without a GPU or TPU
+
+import pytest  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from haiku_gpt import prepare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,0 +1,131 @@
+"""The flash-attention kernel and the train step on the real GPU and TPU compilers (no hardware).
+
+Each case compiles `jax.grad` of the kernel (so the forward kernel and the three backward
+kernels are in one program) for a compile-only A100, H100 or TPU and checks what the
+compilers report: it compiles, no kernel spills a register, shared memory / scoped VMEM
+fit, and Hopper's dK/dV wgmma instructions are not serialized. `--mode=check
+--config.target=...` is exercised through `preflight.run`. Skipped, saying so, without
+the `aot` extra (`pip install -e '.[aot]'`).
+"""
+
+import pytest
+
+from haiku_gpt import kernel_matrix, preflight, targets
+from haiku_gpt.errors import UserError
+
+
+def _missing(name: str) -> str | None:
+    try:
+        targets.require_aot(name)
+    except targets.AotUnavailable as e:
+        return f"the aot extra is not installed: {e}"
+    return None
+
+
+needs_cuda = pytest.mark.skipif(bool(_missing("h100")), reason=str(_missing("h100")))
+needs_tpu = pytest.mark.skipif(bool(_missing("tpu-v5e")), reason=str(_missing("tpu-v5e")))
+
+# (target, dtype, head_dim, seq, dropout): head_dim 256 in both dtypes, odd lengths,
+# sequences of 32k and 128k on TPU (K/V streamed through the grid), dropout on and off.
+GPU_CASES = [
+    ("h100", "float32", 256, 1000, 0.1),  # shared memory overflowed here before per-target tiles
+    ("h100", "bfloat16", 64, 1000, 0.1),  # wgmma: the transposed dK/dV keeps it pipelined
+    ("a100", "float32", 256, 77, 0.0),
+    ("a100", "bfloat16", 256, 1000, 0.1),
+]
+TPU_CASES = [
+    ("tpu-v5e:1x1", "bfloat16", 128, 32768, 0.1),  # VMEM ran out at 8k (backward) before streaming
+    ("tpu-v6e:1x1", "float32", 256, 131072, 0.0),
+    ("tpu-v4:1x1x1", "float32", 256, 1000, 0.1),
+    ("tpu-v5p:1x1x1", "bfloat16", 16, 77, 0.0),
+]
+
+
+def _check(row: dict) -> None:
+    assert row["ok"], row["error"]
+    assert set(row["kernels"]) == {"forward", "delta", "dkdv", "dq"}, row["kernels"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("target,dtype,head_dim,seq,dropout", GPU_CASES)
+def test_gpu_kernels_compile_without_spills(target, dtype, head_dim, seq, dropout):
+    row = kernel_matrix.compile_case(kernel_matrix.Case(target, dtype, head_dim, seq, dropout, "bwd"))
+    _check(row)
+    limit = kernel_matrix._gpu_shared_memory_per_block(targets.parse_target(target).generation)
+    for name, kernel in row["kernels"].items():
+        assert kernel["spill_bytes"] == 0 and 0 < kernel["registers"] <= 255, (name, kernel)
+        assert 0 < kernel["smem_bytes"] <= limit, (name, kernel)
+        assert not [w for w in kernel["warnings"] if "serialized" in w], (name, kernel["warnings"])
+
+
+@needs_tpu
+@pytest.mark.parametrize("target,dtype,head_dim,seq,dropout", TPU_CASES)
+def test_tpu_kernels_compile_at_any_length(target, dtype, head_dim, seq, dropout):
+    row = kernel_matrix.compile_case(kernel_matrix.Case(target, dtype, head_dim, seq, dropout, "bwd"))
+    _check(row)
+    for name, kernel in row["kernels"].items():
+        assert kernel["vmem_bytes"] is not None and kernel["vmem_bytes"] <= kernel["vmem_limit_bytes"], name
+
+
+def test_a_rejected_compile_is_a_failed_row_not_an_exception(monkeypatch):
+    """The matrix reports what a compiler rejects; here the compiler is made to reject."""
+    def reject(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded\nsecond line")
+
+    monkeypatch.setattr(targets, "compile_for", reject)
+    monkeypatch.setattr(targets, "devices", lambda target: [None])
+    monkeypatch.setattr("jax.sharding.SingleDeviceSharding", lambda device: None)
+    row = kernel_matrix.compile_case(kernel_matrix.Case("h100", "float32", 256, 64, 0.0, "fwd"))
+    assert not row["ok"] and row["error"] == "RuntimeError: RESOURCE_EXHAUSTED: Shared memory size limit exceeded"
+    assert "FAIL: RuntimeError" in kernel_matrix.markdown([row])
+
+
+# --- --mode=check --config.target=... -------------------------------------------------------------
+
+
+def _target_config(tiny_config, target: str, **overrides):
+    tiny_config.target = target
+    tiny_config.check_attention = False
+    tiny_config.attention_impl = "pallas"
+    tiny_config.dropout = 0.1
+    for key, value in overrides.items():
+        tiny_config[key] = value
+    return tiny_config
+
+
+@needs_tpu
+def test_check_compiles_the_sharded_train_step_for_a_tpu_slice(tiny_config):
+    report = preflight.run(_target_config(tiny_config, "tpu-v5e:2x2", fsdp=True), compile=True)
+    assert report.devices == 4 and "tpu-v5e:2x2: 4 x TPU v5 lite" in report.device
+    assert report.available == 16 * 2**30 and report.memory["peak"] > 0
+    assert report.compiled_flops and report.compiled_flops > 0
+    names = sorted(line.split(":")[0] for line in report.kernels)
+    assert names == ["flash_attention_delta", "flash_attention_dkdv", "flash_attention_dq",
+                     "flash_attention_forward"], report.kernels
+    assert all("VMEM" in line for line in report.kernels)
+    assert "kernel flash_attention_dkdv" in report.table()
+
+
+@needs_cuda
+def test_check_reports_gpu_kernel_registers_for_a_gpu_host(tiny_config):
+    report = preflight.run(_target_config(tiny_config, "h100x2"), compile=True)
+    assert report.devices == 2 and report.memory["peak"] < report.available
+    assert all("0 bytes spilled" in line for line in report.kernels), report.kernels
+    assert len(report.kernels) == 4
+
+
+def test_check_refuses_gpt2_xl_on_a_tpu_slice_without_fsdp_and_names_the_fixes(tiny_config):
+    """GPT-2 XL's replicated AdamW state (25 GB) cannot fit a 16 GiB v5e chip: refused
+    before anything is traced or compiled, with fsdp first among the fixes."""
+    config = _target_config(tiny_config, "tpu-v5e:2x4", n_layer=48, n_head=25, n_embd=1600,
+                            block_size=1024, batch_size=8, dropout=0.0)
+    with pytest.raises(UserError) as e:
+        preflight.run(config, compile=True)
+    message = str(e.value)
+    assert "would not fit in memory" in message and "TPU v5 lite HBM per device" in message
+    assert "--config.fsdp=True" in message and "16.00 GiB" in message
+
+
+def test_target_with_a_bad_name_is_a_clear_error(tiny_config):
+    with pytest.raises(UserError, match="valid targets are"):
+        preflight.run(_target_config(tiny_config, "b200x8"), compile=True)
