@@ -18,9 +18,10 @@ import statistics
 import sys
 import time
 
-from haiku_gpt.system import tune_allocator
+from haiku_gpt.system import select_platforms, tune_allocator
 
 tune_allocator()
+select_platforms()  # JAX_PLATFORMS=cpu without a GPU/TPU, so the aot extra's plugins stay quiet
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -291,8 +292,8 @@ def bench_kernels() -> dict:
         print(kernel_matrix.markdown(rows[-1:]).splitlines()[-1], flush=True)
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} cases compile with no spills and fit on-chip memory")
-    print(kernel_matrix.markdown(rows))
-    return {"rows": rows, "failed": len(failed)}
+    print(kernel_matrix.summary_markdown(rows))
+    return {"rows": rows, "failed": len(failed), "summary": kernel_matrix.summary_markdown(rows)}
 
 
 def _config_path() -> str:

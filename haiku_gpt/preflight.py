@@ -374,6 +374,17 @@ def _innermost_project_frame(tb) -> str:
     return f"{os.path.basename(os.path.dirname(f.filename))}/{os.path.basename(f.filename)}:{f.lineno} ({f.name})"
 
 
+def _cudnn_missing(stage: str, e: RuntimeError) -> Exception:
+    """A UserError naming the fix when cuDNN is missing (jax checks its version while tracing
+    dot_product_attention(implementation="cudnn")); any other RuntimeError as it is."""
+    if "cudnn" not in str(e).lower():
+        return e
+    return UserError(
+        f"preflight: the {stage} does not trace: {str(e).strip()} attention_impl='cudnn' needs the cuDNN library "
+        "where the step is traced and compiled (cuDNN builds its attention graph at compile time): install "
+        "cuDNN 9 (`pip install nvidia-cudnn-cu13`), or check the config with --config.attention_impl=pallas.")
+
+
 def _trace(stage: str, fn: Callable, *args):
     """jax.eval_shape(fn, *args) with shape checks; a shape problem becomes a UserError naming the function."""
     try:
@@ -384,6 +395,8 @@ def _trace(stage: str, fn: Callable, *args):
             f"preflight: the {stage} does not trace: shape check failed in {e.function}: {e.problem}"
             + (f" Dimensions bound so far: {e.dims}." if e.dims else "")
             + " Nothing was allocated; this is a bug in the model code or a config it does not support.") from None
+    except RuntimeError as e:
+        raise _cudnn_missing(stage, e) from None
     except (TypeError, ValueError, AssertionError) as e:  # jnp shape errors, chex shape assertions
         where = _innermost_project_frame(e.__traceback__)
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
@@ -417,11 +430,8 @@ def _kernel_line(kernel) -> str:
 def _compile_for_target(report: Report, target, trainer, state, tokens, config) -> None:
     """Compile the sharded train step for `target`'s compile-only devices; refuse it if it does not fit."""
     from haiku_gpt import targets  # noqa: PLC0415
-    from kernels.flash_attention import compiling_for  # noqa: PLC0415
 
-    with compiling_for(target.device_kind):
-        result = targets.compile_for(target, trainer.train_steps, state, tokens, tokens,
-                                     kernels="flash_attention_")
+    result = targets.compile_for(target, trainer.train_steps, state, tokens, tokens, kernels="flash_attention_")
     if result.flops is not None:
         report.compiled_flops = result.flops * target.num_devices  # per device -> the whole step
     m = result.memory
@@ -483,7 +493,10 @@ def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callab
     # assertions) needs concrete values, so these traces leave it out: it changes no shape.
     check_config = ml_collections.ConfigDict(config.to_dict())
     check_config.check_attention = False
-    trainer = train.make_trainer(check_config, vocab_size, mesh=mesh)
+    try:
+        trainer = train.make_trainer(check_config, vocab_size, mesh=mesh)
+    except RuntimeError as e:
+        raise _cudnn_missing("model", e) from None
     state = _trace("init", functools.partial(trainer.init, config.seed))
     report.params = sum(x.size for x in jax.tree.leaves(state.params))
     report.params_nanogpt = count_params(state.params)

@@ -416,7 +416,10 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
         if dump is not None:
             options["xla_dump_to"] = str(dump)
         start = time.perf_counter()
-        lowered = jitted.lower(*abstract)
+        from kernels.flash_attention import compiling_for  # noqa: PLC0415
+
+        with compiling_for(target.device_kind):  # the attention kernel's tiles for this device
+            lowered = jitted.lower(*abstract)
         lowered_at = time.perf_counter()
         with _persistent_cache_not_written():
             compiled = lowered.compile(compiler_options=options or None)

@@ -15,6 +15,7 @@ Layout everywhere: `[batch, seq, heads, head_dim]`.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt32
 
 from kernels.reference import blocked_causal_attention, default_scale, reference_attention
@@ -70,6 +71,12 @@ def attention(
     if impl in ("reference", "blocked"):  # blocked: non-causal or cross-length has no diagonal to skip
         return reference_attention(q, k, v, causal=causal, sm_scale=sm_scale,
                                    dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+    if impl == "cudnn" and q.dtype == jnp.float32:
+        # cuDNN's kernels take 16-bit inputs only; float32 reaches here from parameter init, which
+        # traces the model in float32 (validation requires dtype=bfloat16 for the step itself).
+        out = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), impl=impl, causal=causal,
+                        sm_scale=sm_scale)
+        return out.astype(q.dtype)
     if impl in ("xla", "cudnn"):
         scale = default_scale(q.shape[-1], sm_scale)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
