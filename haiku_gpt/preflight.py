@@ -334,17 +334,19 @@ def _refuse(report: Report, what: str, config: ml_collections.ConfigDict) -> Non
     a = report.analytic
     need, have = report.estimate, report.available
     tips = []
-    if a["state"] > have and (config.fsdp or report.devices == 1):  # no batch size or dtype can help
-        tips.append(f"a smaller model: the parameters, gradients and AdamW state alone take {_bytes(a['state'])} "
-                    f"({report.params / 1e9:.2f}B parameters x 16 bytes), whatever the batch size or dtype; "
-                    f"use fewer layers (--config.n_layer, now {config.n_layer}) or a narrower model "
-                    f"(--config.n_embd, now {config.n_embd})")
+    state = a["state"]  # per device
     if report.devices > 1 and not config.fsdp:
-        tips.insert(0, f"--config.fsdp=True (shard the parameters, gradients and AdamW state over the "
-                       f"{report.devices} devices instead of replicating them: {_bytes(a['state'])} of state "
-                       f"becomes about {_bytes(a['state'] / report.devices)} per device)")
-    if a["state"] <= have:
-        if config.batch_size > 1:
+        state = -(-state // report.devices)
+        tips.append(f"--config.fsdp=True (shard the parameters, gradients and AdamW state over the "
+                    f"{report.devices} devices instead of replicating them: {_bytes(a['state'])} of state "
+                    f"becomes about {_bytes(state)} per device)")
+    if state > have:  # no batch size or dtype can help: the model itself is too big
+        tips.append(f"a smaller model: the parameters, gradients and AdamW state alone take {_bytes(state)} "
+                    f"per device ({report.params / 1e9:.2f}B parameters x 16 bytes), whatever the batch size or "
+                    f"dtype; use fewer layers (--config.n_layer, now {config.n_layer}) or a narrower model "
+                    f"(--config.n_embd, now {config.n_embd})")
+    else:
+        if config.batch_size > report.devices:
             tips.append(f"a smaller --config.batch_size (now {config.batch_size}) with a larger "
                         f"--config.gradient_accumulation_steps (now {config.gradient_accumulation_steps}) to "
                         "keep the tokens per step")

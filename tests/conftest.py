@@ -53,3 +53,19 @@ def _tiktoken_cache():
     if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
     yield
+
+
+def _aot_missing(name: str) -> str | None:
+    """Why compiling for target `name` cannot run here (the aot extra is missing), or None."""
+    from haiku_gpt import targets  # noqa: PLC0415
+
+    try:
+        targets.require_aot(name)
+    except targets.AotUnavailable as e:
+        return f"the aot extra is not installed ({e})"
+    return None
+
+
+# Compile-only tests: skipped, saying why, without `pip install -e '.[aot]'`.
+needs_cuda = pytest.mark.skipif(bool(_aot_missing("h100")), reason=str(_aot_missing("h100")))
+needs_tpu = pytest.mark.skipif(bool(_aot_missing("tpu-v5e")), reason=str(_aot_missing("tpu-v5e")))

@@ -10,20 +10,10 @@ the `aot` extra (`pip install -e '.[aot]'`).
 
 import pytest
 
+from conftest import needs_cuda, needs_tpu
 from haiku_gpt import kernel_matrix, preflight, targets
 from haiku_gpt.errors import UserError
 
-
-def _missing(name: str) -> str | None:
-    try:
-        targets.require_aot(name)
-    except targets.AotUnavailable as e:
-        return f"the aot extra is not installed: {e}"
-    return None
-
-
-needs_cuda = pytest.mark.skipif(bool(_missing("h100")), reason=str(_missing("h100")))
-needs_tpu = pytest.mark.skipif(bool(_missing("tpu-v5e")), reason=str(_missing("tpu-v5e")))
 
 # (target, dtype, head_dim, seq, dropout): head_dim 256 in both dtypes, odd lengths,
 # sequences of 32k and 128k on TPU (K/V streamed through the grid), dropout on and off.

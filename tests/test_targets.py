@@ -13,22 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_cuda, needs_tpu
 from haiku_gpt import system, targets
 from haiku_gpt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _aot_missing(name: str) -> str | None:
-    try:
-        targets.require_aot(name)
-    except targets.AotUnavailable as e:
-        return f"the aot extra is not installed ({e})"
-    return None
-
-
-needs_cuda = pytest.mark.skipif(bool(_aot_missing("h100")), reason=str(_aot_missing("h100")))
-needs_tpu = pytest.mark.skipif(bool(_aot_missing("tpu-v5e")), reason=str(_aot_missing("tpu-v5e")))
 
 
 # --- names (no extra needed) ------------------------------------------------------------------------
