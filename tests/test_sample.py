@@ -33,11 +33,27 @@ def test_cached_equals_recompute_inside_window(params, prompt_len, new):
     np.testing.assert_array_equal(cached[:, :prompt_len], context)
 
 
+def crop_and_recompute(params, context, new_tokens, key, temperature, top_k):
+    """nanoGPT's generate, written independently: crop to the last block_size tokens, run the
+    model's full forward, sample the last position from softmax(logits / temperature) over the
+    top_k tokens (Gumbel-max with the sampler's per-step keys), append."""
+    model = make_model(CFG)
+    tokens = np.asarray(context)
+    for step_key in jax.random.split(key, new_tokens):
+        logits, _ = model.apply(params, None, jnp.asarray(tokens[:, -CFG.block_size:], jnp.int32))
+        logits = logits[:, -1] / temperature
+        logits = jnp.where(logits < jnp.sort(logits, axis=-1)[:, -top_k:][:, :1], -jnp.inf, logits)
+        token = jax.random.categorical(step_key, logits, axis=-1)
+        tokens = np.concatenate([tokens, np.asarray(token)[:, None]], axis=1)
+    return tokens
+
+
 def test_exact_window_past_block_size_is_nanogpts(params):
-    context = np.array([[1, 2, 3]])
-    cached = generate(params, context, max_new_tokens=30)  # 33 tokens > block_size 12
-    full = generate(params, context, max_new_tokens=30, use_cache=False)
-    np.testing.assert_array_equal(cached, full)
+    context = np.array([[1, 2, 3], [7, 8, 9]])
+    expected = crop_and_recompute(params, context, 30, jax.random.PRNGKey(3), 2.0, 10)  # 33 > block 12
+    for use_cache in (True, False):
+        got = generate(params, context, max_new_tokens=30, temperature=2.0, use_cache=use_cache)
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_half_window_refill_runs_and_agrees_until_the_window_fills(params):

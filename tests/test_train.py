@@ -165,12 +165,20 @@ def test_nan_loss_stops_with_clear_error(tiny_config):
         train.train(tiny_config, log=lambda s: None)
 
 
-def test_check_attention_runs_both_paths(tiny_config):
+def test_check_attention_runs_both_paths(tiny_config, monkeypatch):
+    """In a real run the chosen path and the reference both run in every step and are compared:
+    agreeing paths train normally; a 1% error in the chosen path stops the run, naming the layer."""
     tiny_config.attention_impl = "xla"
     tiny_config.check_attention = True
     tiny_config.max_iters = 3
     summary = train.train(tiny_config, log=lambda s: None)
-    assert summary["step"] == 3
+    assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
+
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.01)
+    tiny_config.out_dir += "-broken"
+    with pytest.raises(AssertionError, match=r"disagrees with the reference attention in layer gpt/h_0/attn"):
+        train.train(tiny_config, log=lambda s: None)
 
 
 def test_steps_per_call_gives_the_same_run_without_recompiling(tiny_config, tmp_path):
