@@ -278,7 +278,7 @@ def _tpu_block_sizes(device_kind: str, head_dim_padded: int, dtype) -> BlockSize
 # the deviceless A100 / H100 compiles, with and without dropout (see README's compile matrix).
 # float32 (precision HIGHEST) dots are IEEE FMA loops on CUDA cores, not tensor cores: each
 # thread holds its whole slice of both operands, so the tiles are small or the warps many.
-_TRITON_FLOAT32 = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2),
+_TRITON_FLOAT32 = {16: (64, 64, 8, 2), 32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (16, 16, 8, 2),
                    256: (16, 16, 8, 2)}
 _TRITON_16BIT = {  # bfloat16/float16 on tensor cores: wgmma on Hopper (sm_90), mma.sync on Ampere (sm_80)
     9: {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
