@@ -406,7 +406,7 @@ def test_lowers_for_accelerators(platform, dtype, rate):
 
 def test_interpret_false_has_no_cpu_kernel():
     x = jnp.zeros((1, 16, 1, 16))
-    with pytest.raises(Exception):
+    with pytest.raises(NotImplementedError, match=r"platform_index\(platforms=\(\('cuda',\), \('rocm',\), \('tpu',\)\)\).*cpu"):
         jax.jit(functools.partial(flash_attention, interpret=False)).lower(x, x, x)
 
 
@@ -441,6 +441,22 @@ def test_memory_is_linear_in_sequence_length():
     flash, ref = table["flash_attention"], table["reference_attention"]
     assert flash[2048] / flash[1024] <= 2.5
     assert ref[2048] / ref[1024] >= 3.0
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_attention_dropout_mask_rate_and_independence_across_batch_head_query_key(rate):
+    """The (seed, b, h, i, j) hash every attention path shares: kept fraction ~ 1 - rate, and no
+    correlation between neighbours along any of the four axes (a weak mix of one index shows up)."""
+    keep = np.asarray(dropout_keep_mask(jnp.uint32(5), 4, 4, 64, 64, rate))  # [B, H, Tq, Tk]
+    n = keep.size
+    assert abs(keep.mean() - (1 - rate)) < 4 * math.sqrt(rate * (1 - rate) / n)
+    for axis in range(4):
+        a, b = np.moveaxis(keep, axis, 0)[:-1], np.moveaxis(keep, axis, 0)[1:]
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.03, axis
+    # Whole slices of one batch row / head are unrelated to another's, not shifted copies.
+    agree = 1 - 2 * rate * (1 - rate)  # chance that two independent bits agree
+    for other in (keep[1, 0], keep[0, 1], np.roll(keep[0, 0], 1, axis=0), np.roll(keep[0, 0], 1, axis=1)):
+        assert abs((other == keep[0, 0]).mean() - agree) < 0.03
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])

@@ -266,12 +266,13 @@ def test_sigint_saves_a_checkpoint_at_the_current_step_and_resume_continues(data
 # Preflight
 
 
-def test_preflight_refuses_a_model_that_cannot_fit_in_seconds(data_dir, tmp_path):
-    t0 = time.monotonic()
+def test_preflight_refuses_a_model_that_cannot_fit_before_tracing(data_dir, tmp_path):
+    """Refused by the analytic estimate, i.e. before anything is traced, compiled or allocated
+    (what makes it take seconds; no wall-clock bound, which a busy machine could break)."""
     result = launch(data_dir, tmp_path / "out", "--config.n_layer=96", "--config.n_embd=12288")
-    seconds = time.monotonic() - t0
-    assert_clean_error(result, "would not fit in memory", "TiB", "Nothing was allocated", "--config.n_layer")
-    assert seconds < 30, seconds
+    assert_clean_error(result, "would not fit in memory", "TiB", "(analytic estimate:", "Nothing was allocated",
+                       "--config.n_layer")
+    assert "preflight:" not in result.stdout and "shapes checked" not in result.stdout
     assert not (tmp_path / "out").exists()  # nothing written either
 
 
