@@ -37,6 +37,7 @@ import launch
 from haiku_gpt import train
 
 losses = {}
+shards = {}  # parameter path -> [full shape, the shape device 0 holds], after the first step
 make_trainer = train.make_trainer
 
 def recording_make_trainer(*args, **kwargs):
@@ -48,6 +49,9 @@ def recording_make_trainer(*args, **kwargs):
         state, metrics = trainer.train_steps(state, x, y)
         for i, loss in enumerate(np.asarray(metrics["loss"])):
             losses[step + i] = float(loss)
+        if not shards:
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+                shards[jax.tree_util.keystr(path)] = [list(leaf.shape), list(leaf.addressable_shards[0].data.shape)]
         return state, metrics
     return dataclasses.replace(trainer, train_steps=train_steps)
 
@@ -58,7 +62,7 @@ try:
 except SystemExit as e:
     code = e.code
 print("LOSSES " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                              "losses": sorted(losses.items())}), flush=True)
+                              "losses": sorted(losses.items()), "shards": shards}), flush=True)
 sys.exit(code)
 '''
 
@@ -98,7 +102,7 @@ def _finish(proc, timeout=150) -> dict:
         if line.startswith("LOSSES "):
             record = json.loads(line[len("LOSSES "):])
             result.update(process=record["process"], devices=record["devices"],
-                          losses={int(s): v for s, v in record["losses"]})
+                          losses={int(s): v for s, v in record["losses"]}, shards=record["shards"])
     return result
 
 
@@ -156,8 +160,15 @@ def test_four_devices_match_one_device(runs, fsdp):
     print(f"4 devices ({'fsdp' if fsdp else 'replicated'}) vs 1: max relative loss difference {rel:.2e}")
     assert rel < RTOL
     assert _max_rel(_metric_losses(four["out_dir"]), _metric_losses(one["out_dir"]), steps) < RTOL
-    assert "data parallel over 4 devices" in four["stdout"]
-    assert ("sharded (fsdp)" in four["stdout"]) == fsdp
+    # The parameters' real layout after a step: fsdp splits each one that has a dimension the 4
+    # devices divide (device 0 holds a quarter), replicated keeps a whole copy everywhere.
+    shards = four["shards"]
+    assert shards and all(len(full) == len(local) for full, local in shards.values())
+    for path, (full, local) in shards.items():
+        divisible = any(d >= 4 and d % 4 == 0 for d in full)
+        expected = np.prod(full) // 4 if fsdp and divisible else np.prod(full)
+        assert np.prod(local) == expected, (path, full, local)
+    assert any(np.prod(local) < np.prod(full) for full, local in shards.values()) == fsdp
 
 
 @pytest.mark.parametrize("source,target", [("four_devices_fsdp", 1), ("one_device", 4)],

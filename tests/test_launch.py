@@ -40,7 +40,13 @@ def trained(tmp_path_factory):
     out_dir = root / "out"
     result = launch(*tiny_args(data_dir, out_dir))
     assert result.returncode == 0, result.stderr
+    # The training run's own records, before later tests (--mode=eval) append to out_dir's file.
+    (root / "training-metrics.jsonl").write_text((out_dir / "metrics.jsonl").read_text())
     return data_dir, out_dir, result
+
+
+def training_metrics(out_dir) -> list[dict]:
+    return [json.loads(x) for x in (out_dir.parent / "training-metrics.jsonl").read_text().splitlines()]
 
 
 def test_train_prints_nanogpt_style_progress(trained):
@@ -66,15 +72,26 @@ def test_sample_prints_samples_separated_by_dashes_and_is_reproducible(trained):
 
 
 def test_eval_mode_reports_and_records_losses(trained):
+    """--mode=eval prints the newest checkpoint's losses and appends exactly those to metrics.jsonl;
+    they equal what training recorded for that step (same weights, same (seed, step) batches)."""
     data_dir, out_dir, _ = trained
+    before = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     result = launch(*tiny_args(data_dir, out_dir, "--mode=eval"))
     assert result.returncode == 0, result.stderr
-    assert "train loss" in result.stdout and "val loss" in result.stdout
+    after = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert after[:-1] == before and set(after[-1]) == {"step", "train_loss", "val_loss"}
+    record = after[-1]
+    assert f"step {record['step']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}" \
+        in result.stdout
+    trained_eval = [r for r in training_metrics(out_dir) if r.get("step") == record["step"] and "val_loss" in r]
+    assert record["step"] == 20 and trained_eval, before
+    assert record["train_loss"] == pytest.approx(trained_eval[-1]["train_loss"], rel=1e-5)
+    assert record["val_loss"] == pytest.approx(trained_eval[-1]["val_loss"], rel=1e-5)
 
 
 def test_attention_impls_train_alike(trained, tmp_path):
     data_dir, out_dir, _ = trained
-    ref = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    ref = training_metrics(out_dir)
     result = launch(*tiny_args(data_dir, tmp_path / "xla", "--config.attention_impl=xla"))
     assert result.returncode == 0, result.stderr
     xla = [json.loads(x) for x in (tmp_path / "xla" / "metrics.jsonl").read_text().splitlines()]
