@@ -39,36 +39,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how ma
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
 
 
-def _run(mode, config):
-    from haiku_gpt import distributed, preflight, prepare, sample, train  # noqa: PLC0415 (after flags are parsed)
-    from haiku_gpt.errors import UserError  # noqa: PLC0415
-
-    main = distributed.is_main_process()  # several processes: only process 0 prints
-    if main:
-        print(f"config: {config.config_name}; mode: {mode}", flush=True)
-    if config.target and mode != "check":
-        raise UserError(f"--config.target={config.target} compiles for hardware that is not here, so it "
-                        f"works only with --mode=check (not --mode={mode}); drop it to {mode} on this machine.")
-    if mode == "train" or (mode == "check" and not (config.target and config.vocab_size)):
-        prepare.ensure_prepared(os.path.join(config.data_dir, config.dataset), config.dataset)
-    if mode == "check":
-        preflight.check(config, log=print if main else (lambda message: None))
-    elif mode == "train":
-        # Shapes and memory first: a config that cannot work is refused before anything is allocated.
-        preflight.run(config, log=print if main else None)
-        summary = train.train(config)
-        if "ms_per_iter_median" in summary and main:
-            print(f"done: step {summary['step']}, val loss {summary.get('val_loss', float('nan')):.4f}, "
-                  f"median {summary['ms_per_iter_median']:.2f} ms/iter, mfu {summary['mfu_median'] * 100:.1f}%")
-        if summary.get("interrupted"):  # stopped by Ctrl-C/SIGTERM, checkpoint saved: not a finished run
-            signum = getattr(signal.Signals, str(summary["interrupted"]), signal.SIGINT)
-            sys.exit(128 + int(signum))
-    elif mode == "sample":
-        sample.sample_from_checkpoint(config)
-    elif mode == "eval":
-        train.evaluate_checkpoint(config)
-
-
 def _start_processes():
     """jax.distributed first, before JAX touches a device (a no-op for a single-process run)."""
     from haiku_gpt import distributed  # noqa: PLC0415
@@ -116,7 +86,11 @@ def main(argv):
         _exit_with(_config_file_problem(e))
     try:
         _start_processes()
-        _run(_MODE.value, config)
+        from haiku_gpt import modes  # noqa: PLC0415 (imports JAX: after jax.distributed starts)
+
+        code = modes.run(_MODE.value, config)
+        if code:  # a training run stopped by Ctrl-C/SIGTERM, its checkpoint saved: not a finished run
+            sys.exit(code)
     except UserError as e:
         _exit_with(str(e))
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops cleanly itself)

@@ -29,10 +29,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from haiku_gpt import train as train_lib  # noqa: E402
-from haiku_gpt.metrics import measure_peak_flops  # noqa: E402
-from haiku_gpt.model import count_params, flops_per_token  # noqa: E402
+from haiku_gpt import costs  # noqa: E402
 from haiku_gpt.sample import generate_tokens  # noqa: E402
+from haiku_gpt.steps import make_steps  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
@@ -68,15 +67,15 @@ def _random_tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
 
 def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
     """ms/iter of the jitted train step (median), tokens/s, MFU, first-call (compile) time."""
-    trainer = train_lib.make_trainer(config, vocab)
+    steps = make_steps(config, vocab)
     k = config.steps_per_call
-    state = trainer.init(config.seed)
-    n_params = count_params(state.params)
+    state = steps.init(config.seed)
+    n_params = costs.param_count(steps.model_config)
     rng = np.random.default_rng(0)
     shape = (k, config.gradient_accumulation_steps, config.batch_size, config.block_size)
     batches = [(_random_tokens(rng, shape, vocab), _random_tokens(rng, shape, vocab)) for _ in range(4)]
     t0 = time.perf_counter()
-    state, m = trainer.train_steps(state, *batches[0])
+    state, m = steps.train_steps(state, *batches[0])
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     calls = max(iters // k, 1)
@@ -84,15 +83,15 @@ def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
     for i in range(warmup // k + 1 + calls):
         x, y = batches[i % len(batches)]
         t0 = time.perf_counter()
-        state, m = trainer.train_steps(state, x, y)
+        state, m = steps.train_steps(state, x, y)
         np.asarray(m["loss"])  # the loop fetches the losses every call too
         times.append((time.perf_counter() - t0) / k)
     dt = statistics.median(times[-calls:])
-    tokens = config.gradient_accumulation_steps * config.batch_size * config.block_size
-    flops = flops_per_token(trainer.model_config, n_params, config.block_size) * tokens
-    peak = config.peak_flops or measure_peak_flops()
+    tokens = costs.tokens_per_step(config)
+    flops = costs.flops_per_step(config, steps.model_config)
+    peak = config.peak_flops or costs.measure_peak_flops()
     return {"config": config.config_name, "steps_per_call": k, "ms_per_iter": dt * 1e3,
-            "tokens_per_sec": tokens / dt, "mfu": flops / dt / peak, "peak_gflops": peak / 1e9,
+            "tokens_per_sec": tokens / dt, "mfu": costs.mfu(flops, dt, peak), "peak_gflops": peak / 1e9,
             "first_call_s": compile_s, "n_params": n_params}
 
 
@@ -129,9 +128,9 @@ def bench_sample(config, vocab: int, new_tokens: int, nanogpt_dir: str | None = 
     more work than nanoGPT's growing context: `--nanogpt_dir` also times nanoGPT's own
     generate (PyTorch, batch 1, same model shape) for the side-by-side number.
     """
-    trainer = train_lib.make_trainer(config, vocab)
-    params = trainer.init(config.seed).params
-    mcfg = trainer.model_config
+    steps = make_steps(config, vocab)
+    params = steps.init(config.seed).params
+    mcfg = steps.model_config
     prompt_len = 6
     new_tokens = new_tokens or config.block_size - prompt_len
     batch_n = config.sample.num_samples

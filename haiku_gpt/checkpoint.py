@@ -23,14 +23,29 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from haiku_gpt.config import MODEL_FIELDS
 from haiku_gpt.errors import UserError
 from haiku_gpt.system import fsync_dir
 
 _PREFIX = "step_"
 _NAME = re.compile(r"step_\d{8,}")  # step_00001000; not .tmp-step_* or step_*.old-PID leftovers
 _LEFTOVER = re.compile(r"(?:\.tmp-step_\d+|step_\d+\.old)-(\d+)")  # from a writer that died mid-save
+
+
+def ensure_writable(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        writable = os.access(out_dir, os.W_OK)
+    except OSError as e:
+        writable, why = False, f" ({e.strerror})"
+    else:
+        why = ""
+    if not writable:
+        raise UserError(f"--config.out_dir={out_dir} is not writable{why}: choose a directory you can write to.")
 
 
 def _checkpoint_root(out_dir: str) -> str:
@@ -166,3 +181,42 @@ def latest_meta(out_dir: str) -> dict | None:
         if meta is not None:
             return meta
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint records about its run, and restoring it into a run
+
+
+def run_meta(config: ml_collections.ConfigDict, dataset, vocab_size: int, **extra) -> dict:
+    """meta.json's description of the run: model shape, dataset and vocabulary, the whole config."""
+    model_fields = {f: config[f] for f in MODEL_FIELDS if f != "vocab_size"}
+    model_fields["vocab_size"] = vocab_size
+    vocab = {k: dataset.meta.get(k) for k in ("tokenizer", "vocab_size", "itos")}
+    return dict(model=model_fields, dataset=dataset.name, vocab=vocab,
+                config=json.loads(config.to_json_best_effort()), **extra)
+
+
+def check_compatible(meta: dict, expected: dict, out_dir: str) -> None:
+    """A checkpoint (`meta`) must match the model shape and the vocabulary of this run (`expected`: run_meta)."""
+    # The vocabulary first: another dataset also changes vocab_size, and the dataset is the real cause.
+    if meta.get("vocab") != expected["vocab"]:
+        raise UserError(
+            f"the checkpoint in {out_dir} was trained on dataset {meta.get('dataset')!r} with another "
+            f"vocabulary than dataset {expected['dataset']!r} has now: use --config.dataset={meta.get('dataset')} "
+            "(prepared with the same tokenizer and text), or start a new run in another --config.out_dir.")
+    diffs = [f"{k}: checkpoint {meta['model'].get(k)!r} vs config {v!r}"
+             for k, v in expected["model"].items() if meta["model"].get(k) != v]
+    if diffs:
+        raise UserError(
+            f"the checkpoint in {out_dir} has a different model shape ({'; '.join(diffs)}): "
+            "pass the checkpoint's values (--config.<field>=...) to resume or sample from it, or "
+            "start a new run in another --config.out_dir.")
+
+
+def restore(out_dir: str, template, expected: dict, warn=print):
+    """(state, meta) of out_dir's newest intact checkpoint, checked against this run (`expected`: run_meta)."""
+    meta = latest_meta(out_dir)
+    if meta is not None:
+        check_compatible(meta, expected, out_dir)
+    state, meta = load_latest(out_dir, template, warn=warn)
+    return jax.tree.map(jnp.asarray, state), meta

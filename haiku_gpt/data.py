@@ -56,8 +56,10 @@ def open_dataset(data_dir: str, name: str, block_size: int) -> Dataset:
     return Dataset(name, path, meta, load_tokenizer(meta), splits)
 
 
-def batch_rng(seed: int, split: str, step: int, process_index: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, _STREAM_IDS[split], step, process_index])
+def batch_rng(seed: int, split: str, step: int) -> np.random.Generator:
+    """The draw of one step's batch: the same on every process (each keeps its own rows of it)."""
+    # The trailing 0 keeps the draws (and README's numbers) of earlier versions, which had a slot here.
+    return np.random.default_rng([seed, _STREAM_IDS[split], step, 0])
 
 
 def sample_batch(
@@ -74,3 +76,14 @@ def sample_batch(
         starts = starts[..., rows]
     windows = tokens[starts[..., None] + np.arange(block_size + 1)].astype(np.int32)
     return windows[..., :-1], windows[..., 1:]
+
+
+def train_batches(tokens: np.ndarray, seed: int, step: int, k: int, batch_shape: tuple[int, int],
+                  block_size: int, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Batches for steps step..step+k-1, shaped [k, accum, batch, T]; each step's draw depends only on its index.
+
+    `rows`: only these rows of each batch (a process's share of the global batch, see distributed.py).
+    """
+    xs, ys = zip(*(sample_batch(tokens, batch_rng(seed, "train", step + i), batch_shape, block_size, rows=rows)
+                   for i in range(k)))
+    return np.stack(xs), np.stack(ys)

@@ -226,7 +226,7 @@ class DataParallel:
 
     def jit(self, init: Callable, train_steps: Callable, eval_losses: Callable, state_shardings: Any,
             compiler_options: dict | None = None):
-        """The trainer's three jitted functions with in/out shardings (see train.make_trainer)."""
+        """The run's three jitted functions with in/out shardings (see steps.make_steps)."""
         train_steps, eval_losses = self.under_mesh(train_steps), self.under_mesh(eval_losses)
         params_shardings = state_shardings.params
         batch4, batch3 = self.batch_sharding(4), self.batch_sharding(3)

@@ -1,13 +1,18 @@
-"""Run metrics: `out_dir/metrics.jsonl` (one JSON object per event) and `out_dir/loss.png`."""
+"""Run metrics: `out_dir/metrics.jsonl` (one JSON object per event), `out_dir/loss.png`, and the
+per-step log lines of training (`StepLog`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
+import numpy as np
+
+from haiku_gpt.costs import mfu
+from haiku_gpt.errors import UserError
 
 
 class MetricsWriter:
@@ -58,14 +63,72 @@ def plot_losses(out_dir: str, records: list[dict]) -> str | None:
     return path
 
 
-def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """This device's float32 matmul rate (FLOP/s), the yardstick for MFU when none is configured."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+@dataclasses.dataclass
+class Call:
+    """One dispatched train-step call: steps first..first+k-1, its (device) metrics, when it was dispatched."""
+
+    first: int
+    k: int
+    metrics: Any  # {"loss": [k], "lr": [k]}, still on the device
+    dispatched: float
+
+
+class StepLog:
+    """Reads a finished call's losses and logs them: the host half of the training loop.
+
+    The loop dispatches call N+1 before it hands call N here, so reading N's losses (which waits
+    for N) overlaps the device's work on N+1. Keeps the timings for the run's summary and stops
+    the run at the first non-finite loss.
+    """
+
+    def __init__(self, config, flops_per_step: float, tokens_per_step: int, peak_flops: float,
+                 writer: MetricsWriter, emit: Callable[[str], None]):
+        self.config, self.writer, self.emit = config, writer, emit
+        self.flops_per_step, self.tokens_per_step, self.peak_flops = flops_per_step, tokens_per_step, peak_flops
+        self.seconds_per_step: list[float] = []  # every call's but the first (which compiles)
+        self.first_call_seconds: float | None = None
+        self.last_loss: float | None = None
+        self._last_finished = 0.0
+
+    def finish(self, call: Call | None) -> None:
+        """Wait for `call` (None: nothing in flight) and log its steps."""
+        if call is None:
+            return
+        losses, lrs = np.asarray(call.metrics["loss"]), np.asarray(call.metrics["lr"])  # waits for the call
+        now = time.perf_counter()
+        dt = (now - max(call.dispatched, self._last_finished)) / call.k  # busy with the previous call until then
+        self._last_finished = now
+        if self.first_call_seconds is None:
+            self.first_call_seconds = dt * call.k
+        else:
+            self.seconds_per_step.append(dt)
+        for i in range(call.k):
+            self._check_finite(float(losses[i]), call.first + i)
+            self.last_loss = float(losses[i])
+            if (call.first + i) % self.config.log_interval == 0:
+                self._log(call.first + i, self.last_loss, float(lrs[i]), dt)
+
+    def _check_finite(self, loss: float, step: int) -> None:
+        if np.isfinite(loss):
+            return
+        cfg = self.config
+        raise UserError(
+            f"the loss became {loss} at step {step} (last finite loss: "
+            f"{self.last_loss if self.last_loss is not None else 'none'}): training stopped and the last good "
+            f"checkpoint in {cfg.out_dir} was left untouched. Likely causes: a learning rate too high "
+            f"(--config.learning_rate={cfg.learning_rate}), or bfloat16 overflow (--config.dtype=float32).")
+
+    def _log(self, step: int, loss: float, lr: float, dt: float) -> None:
+        utilisation = mfu(self.flops_per_step, dt, self.peak_flops)
+        record = {"step": step, "loss": loss, "lr": lr, "dt_ms": dt * 1e3,
+                  "tokens_per_sec": self.tokens_per_step / dt, "mfu": utilisation}
+        self.writer.write(record)
+        self.emit(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1e3:.2f}ms, "
+                  f"{record['tokens_per_sec']:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
+
+    def summary(self) -> dict:
+        out = {} if self.first_call_seconds is None else {"first_call_seconds": self.first_call_seconds}
+        if self.seconds_per_step:
+            median = float(np.median(self.seconds_per_step))
+            out.update(ms_per_iter_median=median * 1e3, mfu_median=mfu(self.flops_per_step, median, self.peak_flops))
+        return out

@@ -23,232 +23,24 @@ traces: training itself runs the same code without the checking overhead.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 import os
-import re
-import sys
 import time
 import traceback
-from typing import Callable, Iterator
+from typing import Callable
 
-import beartype
-import haiku as hk
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import ml_collections
 
-from haiku_gpt.errors import UserError
-
-# Kernel functions checked during the preflight: (module name, attribute). Both the package's
-# re-exports (what model.py calls, `kernels.attention(...)`) and the defining modules' globals
-# (what the dispatcher calls) are patched.
-_KERNEL_FUNCTIONS = (
-    ("kernels", "attention"),
-    ("kernels", "reference_attention"),
-    ("kernels", "cached_attention"),
-    ("kernels", "flash_attention"),
-    ("kernels.attention", "reference_attention"),
-    ("kernels.flash_attention", "flash_attention"),
-    ("kernels.reference", "dropout_keep_mask"),
-)
-_CHECKED_MODULE_PREFIXES = ("haiku_gpt.", "kernels.")  # hk.Module classes whose methods are checked
-
-
-class ShapeCheckError(Exception):
-    """A jaxtyping annotation did not hold during a preflight trace."""
-
-    def __init__(self, function: str, error: Exception):
-        self.function = function
-        self.problem, self.dims = _summarise_typecheck_error(str(error))
-        super().__init__(f"{function}: {self.problem}" + (f" (dims: {self.dims})" if self.dims else ""))
-
-
-def _summarise_typecheck_error(message: str) -> tuple[str, str]:
-    """jaxtyping's multi-paragraph message -> (what failed, the bound dimensions)."""
-    head = message.split("----------------------")[0].replace("jaxlib._jax.Array", "Array")
-    lines = [line.strip() for line in head.splitlines() if line.strip()]
-    if not lines:
-        return message.strip(), ""
-    # Line 0 is "Type-check error whilst checking the return value of pkg.fn.": keep "the return value".
-    first = re.match(r"Type-check error whilst checking (.+?) of \S+?\.?$", lines[0])
-    problem = f"{first.group(1)}: {' '.join(lines[1:])}" if first else " ".join(lines)
-    dims = []
-    marker = "jaxtyping axis annotation are as follows."
-    if marker in message:
-        for line in message.split(marker, 1)[1].splitlines():
-            line = line.strip()
-            if not line or "=" not in line or " " in line.split("=", 1)[0]:
-                if dims:
-                    break
-                continue
-            dims.append(line)
-    return problem, ", ".join(dims)
-
-
-def _checked(name: str, fn: Callable) -> Callable:
-    """`fn` with its jaxtyping annotations checked by beartype; a failure raises ShapeCheckError(name)."""
-    try:
-        checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(fn)
-    except Exception:  # noqa: BLE001 (e.g. a lambda, which jaxtyping cannot wrap): run it unchecked
-        return fn
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return checked(*args, **kwargs)
-        except (jaxtyping.TypeCheckError, jaxtyping.AnnotationError) as e:
-            raise ShapeCheckError(name, e) from None
-
-    return wrapper
-
-
-_checked_methods: dict = {}
-
-
-def _checked_method(cls: type, method_name: str) -> Callable:
-    wrapped = getattr(cls, method_name)
-    key = (cls, method_name, wrapped)
-    if key not in _checked_methods:
-        raw = inspect.unwrap(wrapped)  # the method under Haiku's name-scope wrapper
-        _checked_methods[key] = _checked(f"{cls.__module__}.{cls.__qualname__}.{method_name}", raw)
-    return _checked_methods[key]
-
-
-def _module_interceptor(next_fun, args, kwargs, context: hk.MethodContext):
-    cls = context.orig_class
-    if not cls.__module__.startswith(_CHECKED_MODULE_PREFIXES):
-        return next_fun(*args, **kwargs)
-    # We run inside Haiku's method wrapper (its name scope is entered): call the raw method, checked.
-    return _checked_method(cls, context.method_name)(context.module, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def shape_checks() -> Iterator[None]:
-    """Within this context, the model's modules and the attention kernels check their annotations."""
-    patched = []
-    try:
-        for module_name, attr in _KERNEL_FUNCTIONS:
-            module = sys.modules.get(module_name)
-            fn = getattr(module, attr, None) if module is not None else None
-            if fn is None or not callable(fn) or inspect.ismodule(fn):
-                continue
-            patched.append((module, attr, fn))
-            setattr(module, attr, _checked(f"kernels.{attr}", fn))
-        with hk.intercept_methods(_module_interceptor):
-            yield
-    finally:
-        for module, attr, fn in reversed(patched):
-            setattr(module, attr, fn)
-
-
-# ---------------------------------------------------------------------------
-# Analytic estimate
-
-
-def param_count(mcfg) -> int:
-    """Every parameter of the model (position embeddings included, tied lm_head once)."""
-    c, bias = mcfg.n_embd, int(mcfg.bias)
-    layer_norm = c + bias * c
-    per_layer = (2 * layer_norm
-                 + 3 * c * c + bias * 3 * c  # c_attn
-                 + c * c + bias * c          # attn c_proj
-                 + 4 * c * c + bias * 4 * c  # c_fc
-                 + 4 * c * c + bias * c)     # mlp c_proj
-    return mcfg.vocab_size * c + mcfg.block_size * c + mcfg.n_layer * per_layer + layer_norm
-
-
-def analytic_memory(config: ml_collections.ConfigDict, mcfg, devices: int = 1) -> dict[str, int]:
-    """Bytes the train step needs per device, roughly: state (params, grads, AdamW mu, nu) + activations.
-
-    With several devices the batch is split over them (data parallel), and with `fsdp` the state too.
-    """
-    n = param_count(mcfg)
-    state = 4 * 4 * n  # float32 params, grads, mu, nu
-    if config.gradient_accumulation_steps > 1:
-        state += 4 * n  # the gradient accumulator of the scan
-    if devices > 1 and config.get("fsdp", False):
-        state = -(-state // devices)
-    act_bytes = 2 if config.dtype == "bfloat16" else 4
-    b, t, c, h = -(-config.batch_size // devices), config.block_size, mcfg.n_embd, mcfg.n_head
-    tokens = b * t
-    # Fitted to XLA's CPU memory plans (--mode=check) of the shakespeare_char configs, within 5%:
-    per_layer = tokens * 18 * c * act_bytes  # ln, qkv, attention out, residuals, 4x MLP in and out
-    if config.attention_impl != "pallas":  # [B, H, T, T] float32: scores, mask, softmax, their gradients
-        per_layer += 6 * b * h * t * t * 4
-    logits = 3 * tokens * mcfg.vocab_size * 4  # float32 logits, softmax and their gradient
-    activations = mcfg.n_layer * per_layer + logits
-    return {"params": n, "state": state, "activations": activations, "total": state + activations}
-
-
-def flops_per_step(config: ml_collections.ConfigDict, mcfg) -> float:
-    """nanoGPT's 6N + 12LHDT FLOPs per token, times the tokens of one optimizer step."""
-    from haiku_gpt.model import flops_per_token  # noqa: PLC0415
-    n = param_count(mcfg) - mcfg.block_size * mcfg.n_embd
-    tokens = config.gradient_accumulation_steps * config.batch_size * config.block_size
-    return flops_per_token(mcfg, n, config.block_size) * tokens
-
-
-# ---------------------------------------------------------------------------
-# The device's memory
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _host_available_bytes() -> int | None:
-    available = None
-    try:
-        import psutil  # noqa: PLC0415 (optional)
-        available = int(psutil.virtual_memory().available)
-    except ImportError:
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        available = int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            pass
-    # A container's cgroup limit applies on top of the machine's memory.
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit = _read_int(limit_file)
-        if limit is not None and limit < 1 << 60:
-            room = limit - (_read_int(usage_file) or 0)
-            available = room if available is None else min(available, room)
-            break
-    return available
-
-
-def available_memory(device=None) -> tuple[int | None, str]:
-    """(bytes available to this run on `device`, where the number comes from)."""
-    device = device or jax.devices()[0]
-    if device.platform == "cpu":
-        return _host_available_bytes(), "available host memory"
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # noqa: BLE001 (backends without memory stats)
-        stats = {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.device_kind} memory limit"
-    return None, "unknown"
-
+from haiku_gpt import costs
+from haiku_gpt.errors import UserError, cudnn_missing
+from haiku_gpt.experiment import Experiment
+from haiku_gpt.sample import generate_tokens
+from haiku_gpt.shape_checks import ShapeCheckError, checked, shape_checks
+from haiku_gpt.system import available_memory
 
 # ---------------------------------------------------------------------------
 # The report
@@ -369,22 +161,11 @@ def _refuse(report: Report, what: str, config: ml_collections.ConfigDict) -> Non
 def _innermost_project_frame(tb) -> str:
     frames = [f for f in traceback.extract_tb(tb)
               if f"{os.sep}haiku_gpt{os.sep}" in f.filename or f"{os.sep}kernels{os.sep}" in f.filename]
-    frames = [f for f in frames if not f.filename.endswith("preflight.py")]
+    frames = [f for f in frames if not f.filename.endswith(("preflight.py", "shape_checks.py"))]
     if not frames:
         return "JAX"
     f = frames[-1]
     return f"{os.path.basename(os.path.dirname(f.filename))}/{os.path.basename(f.filename)}:{f.lineno} ({f.name})"
-
-
-def _cudnn_missing(stage: str, e: RuntimeError) -> Exception:
-    """A UserError naming the fix when cuDNN is missing (jax checks its version while tracing
-    dot_product_attention(implementation="cudnn")); any other RuntimeError as it is."""
-    if "cudnn" not in str(e).lower():
-        return e
-    return UserError(
-        f"preflight: the {stage} does not trace: {str(e).strip()} attention_impl='cudnn' needs the cuDNN library "
-        "where the step is traced and compiled (cuDNN builds its attention graph at compile time): install "
-        "cuDNN 9 (`pip install nvidia-cudnn-cu13`), or check the config with --config.attention_impl=pallas.")
 
 
 def _trace(stage: str, fn: Callable, *args):
@@ -398,22 +179,12 @@ def _trace(stage: str, fn: Callable, *args):
             + (f" Dimensions bound so far: {e.dims}." if e.dims else "")
             + " Nothing was allocated; this is a bug in the model code or a config it does not support.") from None
     except RuntimeError as e:
-        raise _cudnn_missing(stage, e) from None
+        raise cudnn_missing(f"preflight: the {stage} does not trace", e) from None
     except (TypeError, ValueError, AssertionError) as e:  # jnp shape errors, chex shape assertions
         where = _innermost_project_frame(e.__traceback__)
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise UserError(f"preflight: the {stage} does not trace: {type(e).__name__} in {where}: {first}. Nothing "
                         "was allocated; this is a bug in the model code or a config it does not support.") from None
-
-
-def _target(config: ml_collections.ConfigDict):
-    """(Target, its mesh) for `--config.target=...`, else (None, None): this machine's devices."""
-    if not config.get("target"):
-        return None, None
-    from haiku_gpt import targets  # noqa: PLC0415 (the aot extra is optional)
-
-    target = targets.parse_target(config.target)
-    return target, targets.make_mesh(target)
 
 
 def _kernel_line(kernel) -> str:
@@ -429,11 +200,11 @@ def _kernel_line(kernel) -> str:
     return text + "".join(f"; ptxas: {w}" for w in kernel.warnings)
 
 
-def _compile_for_target(report: Report, target, trainer, state, tokens, config) -> None:
+def _compile_for_target(report: Report, target, steps, state, tokens, config) -> None:
     """Compile the sharded train step for `target`'s compile-only devices; refuse it if it does not fit."""
     from haiku_gpt import targets  # noqa: PLC0415
 
-    result = targets.compile_for(target, trainer.train_steps, state, tokens, tokens, kernels="flash_attention_")
+    result = targets.compile_for(target, steps.train_steps, state, tokens, tokens, kernels="flash_attention_")
     if result.flops is not None:
         report.compiled_flops = result.flops * target.num_devices  # per device -> the whole step
     m = result.memory
@@ -446,107 +217,105 @@ def _compile_for_target(report: Report, target, trainer, state, tokens, config) 
                         f"{_bytes(m.temp_bytes)}", config)
 
 
-def run(config: ml_collections.ConfigDict, *, compile: bool = False, log: Callable[[str], None] | None = None,
-        vocab_size: int | None = None, valid_vocab: int | None = None) -> Report:
-    """The preflight for `config` (validated here); raises UserError when the run cannot work.
+def check_shapes(exp: Experiment) -> Report:
+    """Before training: the analytic estimate and the abstract traces, nothing compiled; raises UserError
+    when the run cannot work here. Logs one line."""
+    report = _preflight(exp, compile=False)
+    exp.log(report.summary_line())
+    return report
 
-    `compile=False` (the automatic preflight before training): analytic estimate + abstract traces.
-    `compile=True` (`--mode=check`): also compile the train step for XLA's FLOPs and memory plan.
-    """
-    from haiku_gpt import pretrained, sample, train  # noqa: PLC0415
-    from haiku_gpt.config import model_config, padded_vocab_size, validate  # noqa: PLC0415
-    from haiku_gpt.data import open_dataset  # noqa: PLC0415
-    from haiku_gpt.model import count_params  # noqa: PLC0415
 
-    t0 = time.perf_counter()
-    validate(config)
-    config = pretrained.effective_config(config, log=lambda message: None)  # init_from=gpt2*: its shape
-    if vocab_size is None and config.get("target") and config.vocab_size:
-        vocab_size = valid_vocab = config.vocab_size  # compile-only: no dataset needed for the shapes
-    if vocab_size is None:
-        dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
-        vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
-        valid_vocab = dataset.vocab_size
-    mcfg = model_config(config, vocab_size)
-    target, mesh = _target(config)
-    if target is None:
+def check_compiled(exp: Experiment) -> Report:
+    """--mode=check: the analytic estimate, the traces, and the train step compiled for this machine (or
+    for --config.target's devices) for XLA's FLOPs and memory plan; logs the whole report as a table."""
+    report = _preflight(exp, compile=True)
+    exp.log(f"preflight check ({report.seconds:.1f}s):")
+    exp.log(report.table())
+    exp.log("ok: this config fits and every traced shape agrees with its annotations.")
+    return report
+
+
+def _where(exp: Experiment):
+    """(target or None, bytes available per device or None, where that figure comes from, devices, description)."""
+    config = exp.config
+    if not config.target:
         device = jax.devices()[0]
         available, source = available_memory(device)
-        devices, device_desc = jax.device_count(), f"{device.platform} ({device.device_kind})"
-    else:
-        available, source = target.hbm_bytes, f"{target.device_kind} HBM per device"
-        devices = target.num_devices
-        device_desc = (f"{target.name}: {devices} x {target.device_kind}, compile-only (params and AdamW state "
-                       f"{'sharded, fsdp' if config.fsdp else 'replicated'}; batch split over the devices)")
-    analytic = analytic_memory(config, mcfg, devices)
+        return None, available, source, jax.device_count(), f"{device.platform} ({device.device_kind})"
+    from haiku_gpt import targets  # noqa: PLC0415 (the aot extra is optional)
+
+    target = targets.parse_target(config.target)
+    description = (f"{target.name}: {target.num_devices} x {target.device_kind}, compile-only (params and AdamW "
+                   f"state {'sharded, fsdp' if config.fsdp else 'replicated'}; batch split over the devices)")
+    return target, target.hbm_bytes, f"{target.device_kind} HBM per device", target.num_devices, description
+
+
+def _preflight(exp: Experiment, compile: bool) -> Report:
+    t0 = time.perf_counter()
+    config, mcfg = exp.config, exp.model_config
+    target, available, source, devices, device_desc = _where(exp)
+    analytic = costs.analytic_memory(config, mcfg, devices)
     model_desc = (f"{mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} wide, block {mcfg.block_size}, "
                   f"vocab {mcfg.vocab_size}, batch {config.batch_size} x {config.gradient_accumulation_steps}, "
                   f"{config.dtype}, attention {config.attention_impl}")
     report = Report(
         config_name=config.config_name, model=model_desc, device=device_desc, devices=devices,
-        params=analytic["params"], params_nanogpt=analytic["params"] - mcfg.block_size * mcfg.n_embd,
-        analytic=analytic, analytic_flops=flops_per_step(config, mcfg), available=available,
-        available_source=source, accumulation=config.gradient_accumulation_steps)
+        params=analytic["params"], params_nanogpt=costs.param_count(mcfg), analytic=analytic,
+        analytic_flops=costs.flops_per_step(config, mcfg), available=available, available_source=source,
+        accumulation=config.gradient_accumulation_steps)
     if available is not None and analytic["total"] > available:
         _refuse(report, "analytic estimate: " + _bytes(analytic["state"]) + " of state + "
                 + _bytes(analytic["activations"]) + " of activations", config)
+    state, tokens = _trace_all(exp, report)
+    if compile and target is not None:
+        _compile_for_target(report, target, exp.steps.traceable(), state, tokens, config)
+    elif compile:
+        _compile_here(report, exp.steps.traceable(), state, tokens, config)
+    report.seconds = time.perf_counter() - t0
+    return report
 
-    # Abstract traces: shapes only, nothing allocated. The attention cross-check (chex value
-    # assertions) needs concrete values, so these traces leave it out: it changes no shape.
-    check_config = ml_collections.ConfigDict(config.to_dict())
-    check_config.check_attention = False
-    try:
-        trainer = train.make_trainer(check_config, vocab_size, mesh=mesh)
-    except RuntimeError as e:
-        raise _cudnn_missing("model", e) from None
-    state = _trace("init", functools.partial(trainer.init, config.seed))
-    report.params = sum(x.size for x in jax.tree.leaves(state.params))
-    report.params_nanogpt = count_params(state.params)
+
+def _trace_all(exp: Experiment, report: Report):
+    """Abstract traces (shapes only, nothing allocated) of init, the train step, eval and one decode step.
+
+    The attention cross-check (chex value assertions) needs concrete values, so these traces leave it
+    out (`Steps.traceable`): it changes no shape. Returns (the abstract state, the abstract tokens)."""
+    config, steps = exp.config, exp.steps.traceable()
+    state = _trace("init", functools.partial(steps.init, config.seed))
+    report.params = sum(x.size for x in jax.tree.leaves(state.params))  # counted on the traced init
     report.traced.append("init")
-    batch = (1, config.gradient_accumulation_steps, config.batch_size, config.block_size)
-    tokens = jax.ShapeDtypeStruct(batch, jnp.int32)
-    _trace("train step", trainer.train_steps, state, tokens, tokens)
+    tokens = jax.ShapeDtypeStruct((1, config.gradient_accumulation_steps, config.batch_size, config.block_size),
+                                  jnp.int32)
+    _trace("train step", steps.train_steps, state, tokens, tokens)
     report.traced.append("train step")
     eval_tokens = jax.ShapeDtypeStruct((config.eval_iters, config.batch_size, config.block_size), jnp.int32)
-    _trace("eval step", trainer.eval_losses, state.params, eval_tokens, eval_tokens)
+    _trace("eval step", steps.eval_losses, state.params, eval_tokens, eval_tokens)
     report.traced.append("eval")
-    generate = _checked("haiku_gpt.sample.generate_tokens", inspect.unwrap(sample.generate_tokens))
-    decode = functools.partial(generate, config=trainer.model_config, max_new_tokens=1,
-                               valid_vocab=valid_vocab or vocab_size)
+    generate = checked("haiku_gpt.sample.generate_tokens", inspect.unwrap(generate_tokens))
+    decode = functools.partial(generate, config=steps.model_config, max_new_tokens=1, valid_vocab=exp.valid_vocab)
     prompt = jax.ShapeDtypeStruct((1, min(2, config.block_size)), jnp.int32)
     _trace("decode step", decode, state.params, prompt, jax.ShapeDtypeStruct((2,), jnp.uint32))
     report.traced.append("decode")
-
-    if compile and target is not None:
-        _compile_for_target(report, target, trainer, state, tokens, config)
-    elif compile:
-        compiled = trainer.train_steps.lower(state, tokens, tokens).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        if cost and cost.get("flops", -1) >= 0:
-            report.compiled_flops = float(cost["flops"])
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            m = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
-                 "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes}
-            # Everything live at once: the arguments, the outputs not written over donated
-            # arguments, and the temporaries (XLA's own peak figure, where it has one, if larger).
-            planned = m["argument"] + m["output"] - m["alias"] + m["temp"]
-            m["peak"] = max(planned, getattr(mem, "peak_memory_in_bytes", 0) or 0)
-            report.memory = m
-            if available is not None and m["peak"] > available:
-                _refuse(report, f"XLA's memory plan of the compiled step: arguments {_bytes(m['argument'])}, "
-                                f"outputs {_bytes(m['output'])}, temporaries {_bytes(m['temp'])}", config)
-    report.seconds = time.perf_counter() - t0
-    if log is not None:
-        log(report.summary_line())
-    return report
+    return state, tokens
 
 
-def check(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Report:
-    """--mode=check: the whole preflight, printed as a table."""
-    report = run(config, compile=True)
-    log(f"preflight check ({report.seconds:.1f}s):")
-    log(report.table())
-    log("ok: this config fits and every traced shape agrees with its annotations.")
-    return report
+def _compile_here(report: Report, steps, state, tokens, config) -> None:
+    """Compile the train step for this machine: XLA's FLOPs and memory plan; refuse it if it does not fit."""
+    compiled = steps.train_steps.lower(state, tokens, tokens).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops", -1) >= 0:
+        report.compiled_flops = float(cost["flops"])
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return
+    m = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+         "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes}
+    # Everything live at once: the arguments, the outputs not written over donated
+    # arguments, and the temporaries (XLA's own peak figure, where it has one, if larger).
+    planned = m["argument"] + m["output"] - m["alias"] + m["temp"]
+    m["peak"] = max(planned, getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    report.memory = m
+    if report.available is not None and m["peak"] > report.available:
+        _refuse(report, f"XLA's memory plan of the compiled step: arguments {_bytes(m['argument'])}, "
+                        f"outputs {_bytes(m['output'])}, temporaries {_bytes(m['temp'])}", config)

@@ -311,22 +311,6 @@ def load_params(init_from: str, template, log: Callable[[str], None] = print):
     return params
 
 
-def load_model_params(trainer, config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
-    """Params for `trainer`'s model from the checkpoint named by config.init_from."""
-    template = jax.eval_shape(trainer.init, config.seed)
-    return load_params(config.init_from, template.params, log)
-
-
-def init_state(trainer, config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
-    """A fresh TrainingState (step 0, new optimizer state) with the pretrained params."""
-    template = jax.eval_shape(trainer.init, config.seed)
-    params = load_params(config.init_from, template.params, log)
-    # step and rng exactly as trainer.init makes them; XLA drops the unused random init.
-    step, rng = jax.jit(lambda: tuple(trainer.init(config.seed))[2:])()
-    return template._replace(params=params, opt_state=jax.jit(trainer.optimizer.init)(params),
-                             step=step, rng=rng)
-
-
 def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
     """Sampling straight from a pretrained checkpoint: GPT-2's BPE for a 50257-token model, else the dataset's."""
     if config.vocab_size == GPT2_VOCAB_SIZE:

@@ -20,16 +20,14 @@ import functools
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from haiku_gpt import distributed, pretrained
-from haiku_gpt.config import padded_vocab_size, validate, validate_sample
-from haiku_gpt.data import open_dataset
+from haiku_gpt import pretrained
+from haiku_gpt.config import validate_sample
 from haiku_gpt.errors import UserError
+from haiku_gpt.experiment import Experiment
 from haiku_gpt.model import GPTConfig, init_kv_cache, make_model
-from haiku_gpt.train import make_trainer, restore
 
 
 def _next_token(key, logits: Float[Array, "B V"], temperature: float, top_k: int, valid_vocab: int):
@@ -141,43 +139,30 @@ def read_prompt(start: str) -> str:
     return start
 
 
-def sample_from_checkpoint(config: ml_collections.ConfigDict, log=print) -> list[str]:
+def sample_from_checkpoint(exp: Experiment) -> list[str]:
     """--mode=sample: load out_dir's checkpoint (or init_from's pretrained GPT-2), generate, print."""
-    validate(config)
-    main = distributed.is_main_process()  # several processes: each samples the same, process 0 prints
-    if not main:
-        log = distributed.quiet_log
-    config = pretrained.effective_config(config, log)
+    config, s = exp.config, exp.config.sample
+    validate_sample(config, exp.valid_vocab)
     if pretrained.is_pretrained(config.init_from):  # nanoGPT's sample.py with init_from='gpt2*'
-        tokenizer = pretrained.tokenizer_for(config)
-        valid_vocab = min(tokenizer.vocab_size, config.vocab_size)
-        validate_sample(config, valid_vocab)
-        trainer = make_trainer(config, config.vocab_size)
-        params = pretrained.load_model_params(trainer, config, log)
+        params = exp.pretrained_params()
         source = (f"pretrained {config.init_from} (--config.init_from=resume samples from "
                   f"{config.out_dir}'s checkpoint instead)")
     else:
-        dataset = open_dataset(config.data_dir, config.dataset, config.block_size)
-        vocab_size = padded_vocab_size(dataset.meta, config.vocab_size)
-        validate_sample(config, dataset.vocab_size)
-        trainer = make_trainer(config, vocab_size)
-        state, meta = restore(trainer, dataset, vocab_size, log)
-        params, tokenizer, valid_vocab = state.params, dataset.tokenizer, dataset.vocab_size
-        source = f"step {meta['step']} of {config.out_dir}"
-    s = config.sample
-    prompt_ids = tokenizer.encode(read_prompt(s.start))
+        state, meta = exp.restore()
+        params, source = state.params, f"step {meta['step']} of {config.out_dir}"
+    prompt_ids = exp.tokenizer.encode(read_prompt(s.start))
     if not prompt_ids:
         raise UserError("the prompt --config.sample.start is empty after encoding: give at least one character.")
     context = np.asarray(prompt_ids[-config.block_size:], np.int32)  # nanoGPT crops to the window too
     context = np.broadcast_to(context, (s.num_samples, len(context)))
-    log(f"sampling {s.num_samples} x {s.max_new_tokens} tokens from {source}")
+    exp.log(f"sampling {s.num_samples} x {s.max_new_tokens} tokens from {source}")
     tokens = generate_tokens(
-        params, context, jax.random.PRNGKey(s.seed), config=trainer.model_config,
+        params, context, jax.random.PRNGKey(s.seed), config=exp.steps.model_config,
         max_new_tokens=s.max_new_tokens, temperature=float(s.temperature), top_k=int(s.top_k or 0),
-        valid_vocab=valid_vocab, window=s.window)
+        valid_vocab=exp.valid_vocab, window=s.window)
     prefix = prompt_ids[:-config.block_size] if len(prompt_ids) > config.block_size else []
-    texts = [tokenizer.decode(prefix + row.tolist()) for row in np.asarray(tokens)]
-    for text in texts if main else ():
+    texts = [exp.tokenizer.decode(prefix + row.tolist()) for row in np.asarray(tokens)]
+    for text in texts if exp.is_main else ():  # several processes: each samples the same, process 0 prints
         print(text)
         print("-" * 17, flush=True)
     return texts

@@ -128,6 +128,21 @@ def quiet_absent_accelerators() -> None:
             os.environ.setdefault(name, value)
 
 
+def accelerator_platform() -> str:
+    """'gpu', 'tpu' or 'cpu': the backend this process's JAX will pick, told without starting JAX.
+
+    From JAX_PLATFORMS when set, else from the device files. A config file calls this while it
+    loads, which is before `jax.distributed.initialize`: that must run before anything starts
+    JAX's backend (`jax.default_backend()` would), or a multi-process run fails to start.
+    """
+    chosen = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if chosen:
+        return {"cuda": "gpu", "rocm": "gpu"}.get(chosen, chosen)
+    if has_nvidia_gpu() or has_amd_gpu():
+        return "gpu"
+    return "tpu" if has_tpu() else "cpu"
+
+
 def select_platforms() -> str | None:
     """Set JAX_PLATFORMS=cpu on a machine without any accelerator, when the user has not set it.
 
@@ -146,3 +161,59 @@ def select_platforms() -> str | None:
         return None
     os.environ["JAX_PLATFORMS"] = "cpu"
     return "cpu"
+
+
+# --- memory available to a run --------------------------------------------------------------------
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _host_available_bytes() -> int | None:
+    available = None
+    try:
+        import psutil  # noqa: PLC0415 (optional)
+        available = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    # A container's cgroup limit applies on top of the machine's memory.
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is not None and limit < 1 << 60:
+            room = limit - (_read_int(usage_file) or 0)
+            available = room if available is None else min(available, room)
+            break
+    return available
+
+
+def available_memory(device) -> tuple[int | None, str]:
+    """(bytes available to this run on `device` (a jax.Device), where the number comes from)."""
+    if device.platform == "cpu":
+        return _host_available_bytes(), "available host memory"
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 (backends without memory stats)
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.device_kind} memory limit"
+    return None, "unknown"

@@ -10,10 +10,14 @@
                interpret mode on CPU, compiled on GPU/TPU).
 
 Layout everywhere: `[batch, seq, heads, head_dim]`.
+
+`cross_checked_attention` is `attention` that also runs the reference and asserts with chex that
+both agree (`--config.check_attention`; inside jit the assertion needs `chex.chexify`).
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt32
@@ -84,3 +88,33 @@ def attention(
     from kernels.flash_attention import flash_attention  # noqa: PLC0415 (Pallas import is slow)
     return flash_attention(q, k, v, causal=causal, sm_scale=sm_scale,
                            dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+
+
+def cross_checked_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch k_len heads head_dim"],
+    v: Float[Array, "batch k_len heads head_dim"],
+    *,
+    layer: str,
+    impl: str = "reference",
+    causal: bool = True,
+    dropout_rate: float = 0.0,
+    dropout_seed: Int[Array, ""] | UInt32[Array, ""] | int | None = None,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """`attention(impl=impl)`, with a chex assertion that it matches the reference path (same dropout bits).
+
+    Inside jit the assertion runs under `chex.chexify` (steps.make_steps wraps the jitted steps so);
+    a mismatch names `layer`.
+    """
+    out = attention(q, k, v, impl=impl, causal=causal, dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+    if impl == "reference":
+        return out
+    expected = reference_attention(q, k, v, causal=causal, dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+    tol = 2e-2 if out.dtype == jnp.bfloat16 else 1e-4
+    actual, expected = out.astype(jnp.float32), expected.astype(jnp.float32)
+    # NaN in both is a diverged step, which the training loop's NaN guard reports, not a mismatch.
+    both_nan = jnp.isnan(actual) & jnp.isnan(expected)
+    chex.assert_trees_all_close(
+        jnp.where(both_nan, 0.0, actual), jnp.where(both_nan, 0.0, expected), rtol=tol, atol=tol,
+        custom_message=f"attention_impl disagrees with the reference attention in layer {layer}")
+    return out

@@ -1,11 +1,35 @@
 """Shared fixtures: a small character-level corpus prepared on disk, and the tiny config."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from haiku_gpt.system import select_platforms
 
 select_platforms()  # before any test imports JAX: JAX_PLATFORMS=cpu on a machine without a GPU or TPU
+
+
+def _share_compilation_cache() -> None:
+    """One persistent XLA cache for the session, in this process and in every launch.py subprocess
+    (they inherit the environment): a program compiled by one test is loaded, not compiled, by the next.
+
+    A cached executable is the same program, so every exact comparison in the suite holds with or
+    without it; tests that count compilations count JAX's in-memory cache, which this does not touch.
+    Set before JAX is imported (it reads these at import); a cache the user configured is kept.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    path = tempfile.mkdtemp(prefix="haiku_gpt-tests-xla-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+_share_compilation_cache()
+
 
 import pytest  # noqa: E402
 
@@ -15,6 +39,10 @@ from haiku_gpt import prepare  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TINY_SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+
+
+def quiet(message: str) -> None:
+    """A log that drops its lines (for setup(config, quiet) in tests)."""
 
 
 def corpus_text(n_chars: int = 60_000) -> str:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import kernels
-from haiku_gpt import train
+from haiku_gpt.data import train_batches
+from haiku_gpt.steps import make_steps
 from haiku_gpt.data import open_dataset
 from haiku_gpt.model import GPTConfig, make_model
 
@@ -63,23 +64,23 @@ def test_check_attention_names_the_layer_on_mismatch(tiny_config, monkeypatch):
     tiny_config.attention_impl = "xla"
     tiny_config.check_attention = True
     ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, tiny_config.block_size)
-    trainer = train.make_trainer(tiny_config, ds.vocab_size)
-    x, y = train.sample_batches(ds.splits["train"], 0, 0, 1, (1, 4), 16)
+    trainer = make_steps(tiny_config, ds.vocab_size)
+    x, y = train_batches(ds.splits["train"], 0, 0, 1, (1, 4), 16)
     with pytest.raises(AssertionError, match=r"disagrees with the reference attention in layer gpt/h_0/attn"):
         trainer.train_steps(trainer.init(0), x, y)
 
 
 def test_pallas_training_tracks_reference(tiny_config):
-    """The CPU recipe's shape (block 64, 4 heads of 32) for 50 steps: same loss curve as reference."""
+    """The CPU recipe's shape (block 64, 4 heads of 32) for 20 steps: same loss curve as reference."""
     tiny_config.update(n_layer=2, n_head=4, n_embd=128, block_size=64, batch_size=12, check_attention=False,
-                       max_iters=50, lr_decay_iters=50, warmup_iters=5, learning_rate=1e-3)
+                       max_iters=20, lr_decay_iters=20, warmup_iters=5, learning_rate=1e-3)
     ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, tiny_config.block_size)
     curves = {}
     for impl in ("reference", "pallas"):
         tiny_config.attention_impl = impl
-        trainer = train.make_trainer(tiny_config, ds.vocab_size)
-        x, y = train.sample_batches(ds.splits["train"], 0, 0, 50, (1, 12), 64)
-        _, metrics = trainer.train_steps(trainer.init(0), x, y)  # 50 steps in one scanned call
+        trainer = make_steps(tiny_config, ds.vocab_size)
+        x, y = train_batches(ds.splits["train"], 0, 0, 20, (1, 12), 64)
+        _, metrics = trainer.train_steps(trainer.init(0), x, y)  # 20 steps in one scanned call
         curves[impl] = np.asarray(metrics["loss"])
     np.testing.assert_allclose(curves["pallas"], curves["reference"], rtol=2e-4)
     assert curves["reference"][-1] < curves["reference"][0] - 0.5

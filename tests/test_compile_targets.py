@@ -4,15 +4,16 @@ Each case compiles `jax.grad` of the kernel (so the forward kernel and the three
 kernels are in one program) for a compile-only A100, H100 or TPU and checks what the
 compilers report: it compiles, no kernel spills a register, shared memory / scoped VMEM
 fit, and Hopper's dK/dV wgmma instructions are not serialized. `--mode=check
---config.target=...` is exercised through `preflight.run`. Skipped, saying so, without
+--config.target=...` is exercised through `preflight.check_compiled`. Skipped, saying so, without
 the `aot` extra (`pip install -e '.[aot]'`).
 """
 
 import pytest
 
-from conftest import needs_cuda, needs_tpu
+from conftest import needs_cuda, needs_tpu, quiet
 from haiku_gpt import kernel_matrix, preflight, targets
 from haiku_gpt.errors import UserError
+from haiku_gpt.experiment import setup
 
 
 # (target, dtype, head_dim, seq, dropout): head_dim 256 in both dtypes, odd lengths,
@@ -86,7 +87,7 @@ def _target_config(tiny_config, target: str, **overrides):
 
 @needs_tpu
 def test_check_compiles_the_sharded_train_step_for_a_tpu_slice(tiny_config):
-    report = preflight.run(_target_config(tiny_config, "tpu-v5e:2x2", fsdp=True), compile=True)
+    report = preflight.check_compiled(setup(_target_config(tiny_config, "tpu-v5e:2x2", fsdp=True), quiet))
     assert report.devices == 4 and "tpu-v5e:2x2: 4 x TPU v5 lite" in report.device
     assert report.available == 16 * 2**30 and report.memory["peak"] > 0
     assert report.compiled_flops and report.compiled_flops > 0
@@ -99,7 +100,7 @@ def test_check_compiles_the_sharded_train_step_for_a_tpu_slice(tiny_config):
 
 @needs_cuda
 def test_check_reports_gpu_kernel_registers_for_a_gpu_host(tiny_config):
-    report = preflight.run(_target_config(tiny_config, "h100x2"), compile=True)
+    report = preflight.check_compiled(setup(_target_config(tiny_config, "h100x2"), quiet))
     assert report.devices == 2 and report.memory["peak"] < report.available
     assert all("0 bytes spilled" in line for line in report.kernels), report.kernels
     assert len(report.kernels) == 4
@@ -111,7 +112,7 @@ def test_check_refuses_gpt2_xl_on_a_tpu_slice_without_fsdp_and_names_the_fixes(t
     config = _target_config(tiny_config, "tpu-v5e:2x4", n_layer=48, n_head=25, n_embd=1600,
                             block_size=1024, batch_size=8, dropout=0.0)
     with pytest.raises(UserError) as e:
-        preflight.run(config, compile=True)
+        preflight.check_compiled(setup(config, quiet))
     message = str(e.value)
     assert "would not fit in memory" in message and "TPU v5 lite HBM per device" in message
     assert "--config.fsdp=True" in message and "16.00 GiB" in message
@@ -119,4 +120,4 @@ def test_check_refuses_gpt2_xl_on_a_tpu_slice_without_fsdp_and_names_the_fixes(t
 
 def test_target_with_a_bad_name_is_a_clear_error(tiny_config):
     with pytest.raises(UserError, match="valid targets are"):
-        preflight.run(_target_config(tiny_config, "b200x8"), compile=True)
+        preflight.check_compiled(setup(_target_config(tiny_config, "b200x8"), quiet))

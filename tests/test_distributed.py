@@ -34,14 +34,14 @@ import jax
 import numpy as np
 from absl import app
 import launch
-from haiku_gpt import train
+from haiku_gpt import experiment
 
 losses = {}
 shards = {}  # parameter path -> [full shape, the shape device 0 holds], after the first step
-make_trainer = train.make_trainer
+make_steps = experiment.make_steps
 
-def recording_make_trainer(*args, **kwargs):
-    trainer = make_trainer(*args, **kwargs)
+def recording_make_steps(*args, **kwargs):
+    trainer = make_steps(*args, **kwargs)
     def train_steps(state, x, y):
         if isinstance(state.step, jax.core.Tracer):  # traced (the preflight): nothing to record
             return trainer.train_steps(state, x, y)
@@ -55,7 +55,7 @@ def recording_make_trainer(*args, **kwargs):
         return state, metrics
     return dataclasses.replace(trainer, train_steps=train_steps)
 
-train.make_trainer = recording_make_trainer
+experiment.make_steps = recording_make_steps
 code = 0
 try:
     app.run(launch.main, flags_parser=launch._parse_flags)
@@ -224,3 +224,22 @@ def test_batch_must_divide_by_device_count(runs):
     result = _finish(proc)
     assert result["rc"] == 2
     assert "--config.batch_size=6" in result["stderr"] and "4 devices" in result["stderr"]
+
+
+def test_two_processes_with_the_default_config(runs):
+    """`python launch.py` with no --config on two processes: configs/default.py picks its recipe without
+    starting JAX's backend, so `jax.distributed.initialize` (which must come first) still can."""
+    address = f"127.0.0.1:{_free_port()}"
+    args = [f"--config.data_dir={runs.data_dir}", "--config.dataset=chars", "--config.max_iters=0",
+            "--config.eval_iters=2", f"--config.out_dir={runs.root / 'default_config'}",
+            f"--coordinator_address={address}", "--num_processes=2"]
+    procs = [_start(runs.driver, 1, [*args, f"--process_id={i}"]) for i in range(2)]
+    try:
+        p0, p1 = [_ok(_finish(p)) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert (p0["process"], p1["process"]) == (0, 1) and p0["devices"] == p1["devices"] == 2
+    assert "config: shakespeare_char_cpu (default: no GPU/TPU found)" in p0["stdout"]
+    assert "step 0: train loss" in p0["stdout"] and "step 0" not in p1["stdout"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +27,7 @@ from kernels.dropout import dropout_keep_mask, element_keep_mask
 from kernels.flash_attention import flash_attention
 from kernels.reference import blocked_causal_attention, reference_attention
 
-# `kernels/__init__.py` re-exports the function `flash_attention`, which shadows
-# the submodule attribute, so `import kernels.flash_attention as fa` would bind
-# the function; import_module returns the module itself (for its internals).
-fa = importlib.import_module("kernels.flash_attention")
+import kernels.flash_attention as fa  # noqa: E402 (the module, for its internals)
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2

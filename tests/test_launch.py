@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from configs import tiny
+from haiku_gpt import modes
+from haiku_gpt.errors import UserError
 from tests.conftest import REPO, corpus_text
 
 
@@ -107,30 +110,20 @@ def snapshot(path: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-BAD_INPUTS = [
+# Flags refused while absl parses them, and one refused by the config checks: each in a real process,
+# for the exit-code contract (one `error:` paragraph on stderr, exit code 2, no traceback, nothing changed).
+BAD_FLAGS = [
     # (extra args, expected message fragment)
     (["--config.foo=1"], "unknown config field 'foo'"),
     (["--config.n_layr=3"], 'Did you mean "n_layer"'),
     (["--config.n_layer=abc"], "invalid literal for int()"),
-    (["--config.n_embd=33"], "n_embd=33 is not divisible by n_head=2"),
-    (["--config.attention_impl=flashy"], "unknown attention_impl 'flashy'; choose one of reference, blocked, xla, cudnn, pallas"),
-    (["--config.attention_impl=cudnn", "--config.dtype=bfloat16"],
-     "attention_impl='cudnn' runs only on an NVIDIA GPU, and this run is on cpu"),
-    (["--mode=check", "--config.target=b200x8"], "invalid target 'b200x8' (not a known target name): valid targets are"),
-    (["--config.target=h100"], "works only with --mode=check (not --mode=train)"),
     (["--mode=bogus"], "value should be one of <train|sample|eval"),
-    (["--config.dtype=float16"], "--config.dtype='float16' is not supported"),
-    (["--config.dataset=nope"], "run `python data/text/prepare.py --input PATH/to/text --name nope`"),
-    (["--config.block_size=100000"], "too few for block_size=100000"),
-    (["--mode=sample", "--config.sample.start=ROMEO: ☃"], "not in the char-level vocabulary"),
-    (["--mode=sample", "--config.sample.max_new_tokens=0"], "max_new_tokens=0"),
-    (["--mode=sample", "--config.sample.top_k=1000"], "top_k=1000 is larger than the vocabulary"),
-    (["--mode=sample", "--config.sample.start=FILE:/nonexistent/prompt.txt"], "cannot read the prompt file"),
     (["--config=configs/nonexistent.py"], "cannot load the config file"),
+    (["--config.n_embd=33"], "n_embd=33 is not divisible by n_head=2"),
 ]
 
 
-@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+@pytest.mark.parametrize("extra, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_input_is_one_clear_paragraph(trained, extra, message):
     data_dir, out_dir, _ = trained
     before = snapshot(out_dir) | snapshot(data_dir)
@@ -138,10 +131,49 @@ def test_bad_input_is_one_clear_paragraph(trained, extra, message):
     if extra[0].startswith("--config="):
         args = [extra[0], *args[1:-1]]
     result = launch(*args)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr, result.stderr
-    assert result.stderr.strip().startswith("error:") or "error:" in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("error:") == 1, result.stderr
+    assert snapshot(out_dir) | snapshot(data_dir) == before  # nothing lost or changed
+
+
+# Values the config checks refuse. They reach the user as the UserError above does (launch.main prints
+# it as `error: ...` and exits 2), so they run in this process, through what launch.py runs (`modes.run`).
+BAD_VALUES = [
+    # (mode, config fields, expected message fragment)
+    ("train", {"attention_impl": "flashy"},
+     "unknown attention_impl 'flashy'; choose one of reference, blocked, xla, cudnn, pallas"),
+    ("train", {"attention_impl": "cudnn", "dtype": "bfloat16"},
+     "attention_impl='cudnn' runs only on an NVIDIA GPU, and this run is on cpu"),
+    ("check", {"target": "b200x8"}, "invalid target 'b200x8' (not a known target name): valid targets are"),
+    ("train", {"target": "h100"}, "works only with --mode=check (not --mode=train)"),
+    ("train", {"dtype": "float16"}, "--config.dtype='float16' is not supported"),
+    ("train", {"dataset": "nope"}, "run `python data/text/prepare.py --input PATH/to/text --name nope`"),
+    ("train", {"block_size": 100000}, "too few for block_size=100000"),
+    ("sample", {"sample.start": "ROMEO: \u2603"}, "not in the char-level vocabulary"),
+    ("sample", {"sample.max_new_tokens": 0}, "max_new_tokens=0"),
+    ("sample", {"sample.top_k": 1000}, "top_k=1000 is larger than the vocabulary"),
+    ("sample", {"sample.start": "FILE:/nonexistent/prompt.txt"}, "cannot read the prompt file"),
+]
+
+
+@pytest.mark.parametrize("mode, fields, message", BAD_VALUES,
+                         ids=[f"{m} " + " ".join(f"{k}={v}" for k, v in f.items()) for m, f, _ in BAD_VALUES])
+def test_bad_config_value_is_refused_naming_the_fix(trained, mode, fields, message):
+    data_dir, out_dir, _ = trained
+    config = tiny.get_config()
+    config.update(data_dir=str(data_dir), dataset="chars", out_dir=str(out_dir))
+    for key, value in fields.items():
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    before = snapshot(out_dir) | snapshot(data_dir)
+    with pytest.raises(UserError) as e:
+        modes.run(mode, config)
+    assert message in str(e.value) and "\n" not in str(e.value).strip()
     assert snapshot(out_dir) | snapshot(data_dir) == before  # nothing lost or changed
 
 

@@ -10,11 +10,21 @@ import pytest
 
 from configs import gpt2_124m, shakespeare_char, shakespeare_char_cpu
 from haiku_gpt.config import model_config
-from haiku_gpt.model import GPTConfig, count_params, init_kv_cache, make_model
+from haiku_gpt.costs import param_count
+from haiku_gpt.model import GPTConfig, init_kv_cache, make_model
 
 
 def abstract_params(cfg: GPTConfig):
     return jax.eval_shape(make_model(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+
+
+def counted(cfg: GPTConfig) -> int:
+    """nanoGPT's get_num_params() of the model's real parameters; the analytic count must agree."""
+    params = abstract_params(cfg)
+    real = sum(x.size for x in jax.tree.leaves(params)) - params["gpt"]["wpe"].size
+    assert param_count(cfg) == real
+    assert param_count(cfg, position_embeddings=True) == real + params["gpt"]["wpe"].size
+    return real
 
 
 @pytest.mark.parametrize("config_module, vocab, expected_millions", [
@@ -23,14 +33,14 @@ def abstract_params(cfg: GPTConfig):
     (gpt2_124m, 50304, "123.59"),
 ])
 def test_parameter_count_matches_nanogpt(config_module, vocab, expected_millions):
-    params = abstract_params(model_config(config_module.get_config(), vocab))
-    assert f"{count_params(params) / 1e6:.2f}" == expected_millions
+    assert f"{counted(model_config(config_module.get_config(), vocab)) / 1e6:.2f}" == expected_millions
 
 
 def test_gpt2_with_bias_and_tied_head():
     cfg = model_config(gpt2_124m.get_config(), 50304)
-    params = abstract_params(GPTConfig(**{**cfg.__dict__, "bias": True}))
-    assert f"{count_params(params) / 1e6:.2f}" == "123.69"
+    biased = GPTConfig(**{**cfg.__dict__, "bias": True})
+    assert f"{counted(biased) / 1e6:.2f}" == "123.69"
+    params = abstract_params(biased)
     assert "lm_head" not in str(params.keys())  # tied to wte: no separate output matrix
 
 

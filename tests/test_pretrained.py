@@ -16,8 +16,11 @@ from safetensors.numpy import save_file
 
 from haiku_gpt import pretrained
 from haiku_gpt.errors import UserError
+from haiku_gpt.evaluate import evaluate_checkpoint
+from haiku_gpt.experiment import setup
+from haiku_gpt.model import make_model
 from haiku_gpt.sample import sample_from_checkpoint
-from haiku_gpt.train import evaluate_checkpoint, make_trainer, train
+from haiku_gpt.train import train
 from tests.conftest import REPO
 
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=100)
@@ -106,12 +109,11 @@ def ckpt(tmp_path_factory, weights):
 
 
 def model_logits(config, idx):
-    """Through the real path: effective config -> trainer -> pretrained params -> model.apply."""
-    cfg = pretrained.effective_config(config, explicit=set())
-    trainer = make_trainer(cfg, cfg.vocab_size)
-    params = pretrained.load_model_params(trainer, cfg)
-    logits, _ = trainer.model.apply(params, None, idx)
-    return np.asarray(logits, np.float64), cfg, params
+    """Through the real path: setup (effective config) -> pretrained params -> model.apply."""
+    exp = setup(config, lambda s: None, with_dataset=False)
+    params = exp.pretrained_params()
+    logits, _ = make_model(exp.model_config).apply(params, None, idx)
+    return np.asarray(logits, np.float64), exp.config, params
 
 
 def rel_err(a, b):
@@ -164,12 +166,12 @@ def test_missing_files_give_clear_errors(tmp_path, tiny_config, weights):
         pretrained.effective_config(tiny_config, explicit=set())
     write_checkpoint(tmp_path, weights)
     os.remove(tmp_path / "model.safetensors")
-    cfg = pretrained.effective_config(tiny_config, explicit=set())
+    exp = setup(tiny_config, lambda s: None, with_dataset=False)
     with pytest.raises(UserError, match=r"model\.safetensors does not exist"):
-        pretrained.load_model_params(make_trainer(cfg, cfg.vocab_size), cfg)
+        exp.pretrained_params()
     tiny_config.init_from = str(tmp_path / "nowhere")
     with pytest.raises(UserError, match=r"gpt2-xl, nor a directory"):
-        train(tiny_config)
+        setup(tiny_config)
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -186,9 +188,9 @@ def test_key_and_shape_mismatches_name_the_key(tmp_path, tiny_config, weights, c
     else:
         w["h.2.ln_1.weight"] = w["h.0.ln_1.weight"]
     tiny_config.init_from = write_checkpoint(tmp_path / "ckpt", w)
-    cfg = pretrained.effective_config(tiny_config, explicit=set())
+    exp = setup(tiny_config, lambda s: None, with_dataset=False)
     with pytest.raises(UserError, match=expected) as e:
-        pretrained.load_model_params(make_trainer(cfg, cfg.vocab_size), cfg)
+        exp.pretrained_params()
     assert str(tmp_path / "ckpt" / "model.safetensors") in str(e.value)
 
 
@@ -197,7 +199,7 @@ def test_finetune_lowers_the_loss_then_resume_sample_and_eval(tiny_config, ckpt,
     tiny_config.update(check_attention=False, max_iters=12, eval_interval=12, learning_rate=3e-3,
                        warmup_iters=0, lr_decay_iters=12, log_interval=4, keep_checkpoints=1)
     logs = []
-    summary = train(tiny_config, log=logs.append)
+    summary = train(setup(tiny_config, logs.append))
     assert any("loaded" in line and "model.safetensors" in line for line in logs), logs
     evals = [json.loads(line) for line in open(os.path.join(tiny_config.out_dir, "metrics.jsonl"))
              if "val_loss" in line]
@@ -210,7 +212,7 @@ def test_finetune_lowers_the_loss_then_resume_sample_and_eval(tiny_config, ckpt,
     # resume with the same (tiny.py-shaped) config: the shape comes from the checkpoint's meta
     tiny_config.init_from, tiny_config.max_iters, tiny_config.always_save_checkpoint = "resume", 14, True
     logs = []
-    assert train(tiny_config, log=logs.append)["step"] == 14
+    assert train(setup(tiny_config, logs.append))["step"] == 14
     assert "resuming from step 12" in "\n".join(logs)
     # ... and again later: the resumed run's checkpoint still records where it started
     meta = json.loads(open(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000014", "meta.json")).read())
@@ -219,12 +221,12 @@ def test_finetune_lowers_the_loss_then_resume_sample_and_eval(tiny_config, ckpt,
 
     # sample straight from the pretrained directory: the dataset's char tokenizer (65 of 100 ids)
     tiny_config.init_from = ckpt
-    texts = sample_from_checkpoint(tiny_config, log=logs.append)  # decoding an id >= 65 would raise
+    texts = sample_from_checkpoint(setup(tiny_config, logs.append, with_dataset=False))  # an id >= 65 would raise
     assert len(texts) == 2 and all(len(t) == 1 + 20 for t in texts)
     assert "from pretrained" in logs[-1]
     # eval of the pretrained model itself writes nothing into out_dir
     before = open(os.path.join(tiny_config.out_dir, "metrics.jsonl")).read()
-    losses = evaluate_checkpoint(tiny_config, log=logs.append)
+    losses = evaluate_checkpoint(setup(tiny_config, logs.append))
     assert abs(losses["val"] - evals[0]["val_loss"]) < 1e-4
     assert open(os.path.join(tiny_config.out_dir, "metrics.jsonl")).read() == before
 

@@ -20,25 +20,14 @@ import pytest
 from jaxtyping import Array, Float
 
 from configs import tiny
-from haiku_gpt import checkpoint, prepare, preflight
+from haiku_gpt import checkpoint, costs, modes, preflight, prepare
 from haiku_gpt.config import model_config
 from haiku_gpt.errors import UserError
-from tests.conftest import REPO, corpus_text
+from haiku_gpt.experiment import setup
+from tests.conftest import REPO, corpus_text, quiet
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """One persistent XLA cache for this module's runs: the tiny step compiles once, not in every run.
-
-    (A cached executable is the same program: the bit-for-bit comparisons below hold with or without it.)
-    """
-    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla-cache"))
-    ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    yield
-    for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
-        ENV.pop(key, None)
 
 
 def launch_cmd(data_dir, out_dir, *extra):
@@ -56,14 +45,6 @@ def start(data_dir, out_dir, *extra):
                             stderr=subprocess.PIPE, text=True)
 
 
-def assert_clean_error(result, *fragments):
-    assert result.returncode not in (0, None), result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.lstrip().startswith("error:") or "\nerror:" in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-
-
 def read_metrics(out_dir):
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
@@ -74,6 +55,20 @@ def read_metrics(out_dir):
 def losses_by_step(out_dir, key="loss"):
     """The newest record of each step (a resumed run logs the steps after its checkpoint again)."""
     return {r["step"]: r[key] for r in read_metrics(out_dir) if key in r}
+
+
+def refused(data_dir, out_dir, mode="train", **fields) -> str:
+    """The UserError message of launch.py's own work, `modes.run(mode, config)`, run in this process, for the
+    tiny config with `fields` (tests/test_launch.py checks in real processes that such an error exits
+    with code 2 as one `error:` paragraph: a process per case would add nothing here)."""
+    config = tiny.get_config()
+    config.update(**{"data_dir": str(data_dir), "dataset": "chars", "out_dir": str(out_dir),
+                     "check_attention": False, **fields})
+    with pytest.raises(UserError) as e:
+        modes.run(mode, config)
+    message = str(e.value)
+    assert "\n" not in message.strip(), message  # one paragraph
+    return message
 
 
 def checkpoint_steps(out_dir):
@@ -110,8 +105,8 @@ def data_dir(tmp_path_factory):
     return root
 
 
-RUN = ["--config.max_iters=20", "--config.eval_interval=5", "--config.log_interval=1",
-       "--config.always_save_checkpoint=True", "--config.keep_checkpoints=5"]
+RUN_FIELDS = dict(max_iters=20, eval_interval=5, log_interval=1, always_save_checkpoint=True, keep_checkpoints=5)
+RUN = [f"--config.{k}={v}" for k, v in RUN_FIELDS.items()]
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +183,12 @@ def test_damaged_sole_checkpoint_is_a_clear_error(data_dir, run_copy, damage):
     else:
         _truncate(sole / "meta.json")
     before = snapshot(run_copy / "checkpoints")
-    mode = "--mode=sample" if damage == "flip" else "--config.init_from=resume"
-    result = launch(data_dir, run_copy, *RUN, mode)
+    mode, fields = ("sample", {}) if damage == "flip" else ("train", {"init_from": "resume"})
+    message = refused(data_dir, run_copy, mode, **RUN_FIELDS, **fields)
     problem = {"truncate": "state.npz is corrupted", "flip": "state.npz is corrupted",
                "meta": "meta.json or state.npz missing or unreadable"}[damage]
-    assert_clean_error(result, "no usable checkpoint in", problem, "--config.init_from=scratch")
+    for fragment in ("no usable checkpoint in", problem, "--config.init_from=scratch"):
+        assert fragment in message, message
     assert snapshot(run_copy / "checkpoints") == before
 
 
@@ -236,9 +232,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run_bit_for_bit(dat
 
 def test_nan_guard_stops_without_touching_checkpoints(data_dir, run_copy):
     before = snapshot(run_copy / "checkpoints")
-    result = launch(data_dir, run_copy, "--config.learning_rate=1e4", "--config.max_iters=500",
-                    "--config.eval_interval=1000", "--config.log_interval=1")
-    assert_clean_error(result, "the loss became", "at step", "last finite loss", "--config.learning_rate=10000.0")
+    message = refused(data_dir, run_copy, learning_rate=1e4, max_iters=500, eval_interval=1000, log_interval=1)
+    for fragment in ("the loss became", "at step", "last finite loss", "--config.learning_rate=10000.0"):
+        assert fragment in message, message
     assert snapshot(run_copy / "checkpoints") == before  # byte-identical
 
 
@@ -266,13 +262,20 @@ def test_sigint_saves_a_checkpoint_at_the_current_step_and_resume_continues(data
 # Preflight
 
 
-def test_preflight_refuses_a_model_that_cannot_fit_before_tracing(data_dir, tmp_path):
+def test_preflight_refuses_a_model_that_cannot_fit_before_tracing(data_dir, tmp_path, monkeypatch, capsys):
     """Refused by the analytic estimate, i.e. before anything is traced, compiled or allocated
     (what makes it take seconds; no wall-clock bound, which a busy machine could break)."""
-    result = launch(data_dir, tmp_path / "out", "--config.n_layer=96", "--config.n_embd=12288")
-    assert_clean_error(result, "would not fit in memory", "TiB", "(analytic estimate:", "Nothing was allocated",
-                       "--config.n_layer")
-    assert "preflight:" not in result.stdout and "shapes checked" not in result.stdout
+    from haiku_gpt import experiment  # noqa: PLC0415
+
+    def no_steps(*args, **kwargs):
+        raise AssertionError("the jitted steps were built (and init traced) before the refusal")
+
+    monkeypatch.setattr(experiment, "make_steps", no_steps)
+    message = refused(data_dir, tmp_path / "out", n_layer=96, n_embd=12288)
+    for fragment in ("would not fit in memory", "TiB", "(analytic estimate:", "Nothing was allocated",
+                     "--config.n_layer"):
+        assert fragment in message, message
+    assert "shapes checked" not in capsys.readouterr().out
     assert not (tmp_path / "out").exists()  # nothing written either
 
 
@@ -287,8 +290,7 @@ def test_check_mode_prints_params_flops_and_memory(data_dir, tmp_path):
 
 
 def test_check_mode_refuses_bad_config_clearly(data_dir, tmp_path):
-    result = launch(data_dir, tmp_path / "out", "--mode=check", "--config.attention_impl=flashy")
-    assert_clean_error(result, "unknown attention_impl 'flashy'")
+    assert "unknown attention_impl 'flashy'" in refused(data_dir, tmp_path / "out", "check", attention_impl="flashy")
 
 
 @pytest.fixture
@@ -304,9 +306,9 @@ def tiny_config(data_dir, tmp_path):
 def test_preflight_analytic_parameter_count_matches_the_model(tiny_config):
     for bias in (False, True):
         tiny_config.bias = bias
-        report = preflight.run(tiny_config)  # report.params: counted on the traced init
+        report = preflight.check_shapes(setup(tiny_config, quiet))  # report.params: counted on the traced init
         vocab = json.loads((Path(tiny_config.data_dir) / "chars" / "meta.json").read_text())["vocab_size"]
-        assert report.params == preflight.param_count(model_config(tiny_config, vocab))
+        assert report.params == costs.param_count(model_config(tiny_config, vocab), position_embeddings=True)
         assert report.params_nanogpt == report.params - tiny_config.block_size * tiny_config.n_embd
 
 
@@ -325,7 +327,7 @@ def test_preflight_names_the_function_and_dims_of_a_shape_error(tiny_config, mon
 
     monkeypatch.setattr(kernels, "attention", transposed_attention)
     with pytest.raises(UserError) as e:
-        preflight.run(tiny_config)
+        preflight.check_shapes(setup(tiny_config, quiet))
     message = str(e.value)
     assert "does not trace: shape check failed in kernels.attention: the return value" in message
     assert "f32[1,2,16,16]" in message and "q_len=16" in message and "heads=2" in message
@@ -339,7 +341,7 @@ def test_preflight_reports_a_broken_shape_without_annotations(tiny_config, monke
 
     monkeypatch.setattr(kernels, "attention", mismatched_attention)
     with pytest.raises(UserError, match=r"does not trace: TypeError in haiku_gpt/model.py:\d+ \(__call__\)"):
-        preflight.run(tiny_config)
+        preflight.check_shapes(setup(tiny_config, quiet))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,10 +351,10 @@ def test_preflight_reports_a_broken_shape_without_annotations(tiny_config, monke
 @pytest.mark.parametrize("dataset", ["digits", "swapped"])
 def test_checkpoint_from_another_vocabulary_is_refused(data_dir, trained, dataset):
     before = snapshot(trained)
-    for mode in ("--config.init_from=resume", "--mode=sample"):
-        result = launch(data_dir, trained, *RUN, mode, f"--config.dataset={dataset}")
-        assert_clean_error(result, "was trained on dataset 'chars' with another vocabulary than dataset "
-                                   f"'{dataset}'", "--config.dataset=chars")
+    for mode, fields in (("train", {"init_from": "resume"}), ("sample", {})):
+        message = refused(data_dir, trained, mode, **RUN_FIELDS, **fields, dataset=dataset)
+        assert f"was trained on dataset 'chars' with another vocabulary than dataset '{dataset}'" in message
+        assert "--config.dataset=chars" in message
     assert snapshot(trained) == before
 
 
@@ -364,6 +366,5 @@ def test_empty_and_too_short_datasets_are_refused(data_dir, tmp_path):
         (root / "empty" / f"{split}.bin").write_bytes(b"")
     for name, fragment in (("short", "has 5 tokens, too few for block_size=16"),
                            ("empty", "dataset 'empty' is not prepared")):
-        for mode in ("--mode=train", "--mode=check"):
-            result = launch(root, tmp_path / "out", mode, f"--config.dataset={name}")
-            assert_clean_error(result, fragment)
+        for mode in ("train", "check"):
+            assert fragment in refused(root, tmp_path / "out", mode, dataset=name)

@@ -37,10 +37,10 @@ def crop_and_recompute(params, context, new_tokens, key, temperature, top_k):
     """nanoGPT's generate, written independently: crop to the last block_size tokens, run the
     model's full forward, sample the last position from softmax(logits / temperature) over the
     top_k tokens (Gumbel-max with the sampler's per-step keys), append."""
-    model = make_model(CFG)
+    forward = jax.jit(make_model(CFG).apply)  # the model's own forward, compiled per prompt length
     tokens = np.asarray(context)
     for step_key in jax.random.split(key, new_tokens):
-        logits, _ = model.apply(params, None, jnp.asarray(tokens[:, -CFG.block_size:], jnp.int32))
+        logits, _ = forward(params, None, jnp.asarray(tokens[:, -CFG.block_size:], jnp.int32))
         logits = logits[:, -1] / temperature
         logits = jnp.where(logits < jnp.sort(logits, axis=-1)[:, -top_k:][:, :1], -jnp.inf, logits)
         token = jax.random.categorical(step_key, logits, axis=-1)

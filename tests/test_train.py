@@ -12,7 +12,9 @@ import pytest
 from configs import shakespeare_char
 from haiku_gpt import checkpoint, train
 from haiku_gpt.config import validate
-from haiku_gpt.data import batch_rng, open_dataset, sample_batch
+from haiku_gpt.data import batch_rng, open_dataset, sample_batch, train_batches
+from haiku_gpt.experiment import setup
+from haiku_gpt.steps import make_steps
 from haiku_gpt.errors import UserError
 from haiku_gpt.optimizer import decay_mask, lr_schedule
 
@@ -58,7 +60,7 @@ def test_batches_are_windows_and_reproducible(tiny_config):
 def steps(trainer, state, tokens, seed, start, n, batch_shape, block):
     losses = []
     for s in range(start, start + n):
-        x, y = train.sample_batches(tokens, seed, s, 1, batch_shape, block)
+        x, y = train_batches(tokens, seed, s, 1, batch_shape, block)
         state, m = trainer.train_steps(state, x, y)
         losses.append(float(m["loss"][0]))
     return state, losses
@@ -69,9 +71,9 @@ def test_overfits_one_batch(tiny_config):
     tiny_config.decay_lr = False
     tiny_config.check_attention = False
     ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
-    trainer = train.make_trainer(tiny_config, ds.vocab_size)
+    trainer = make_steps(tiny_config, ds.vocab_size)
     state = trainer.init(0)
-    x, y = train.sample_batches(ds.splits["train"], 0, 0, 1, (1, 4), 16)
+    x, y = train_batches(ds.splits["train"], 0, 0, 1, (1, 4), 16)
     first = None
     for _ in range(150):
         state, m = trainer.train_steps(state, x, y)
@@ -82,13 +84,13 @@ def test_overfits_one_batch(tiny_config):
 def test_gradient_accumulation_matches_big_batch(tiny_config):
     tiny_config.check_attention = False
     ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
-    x, y = train.sample_batches(ds.splits["train"], 0, 0, 1, (2, 4), 16)
+    x, y = train_batches(ds.splits["train"], 0, 0, 1, (2, 4), 16)
     tiny_config.gradient_accumulation_steps = 2
-    acc = train.make_trainer(tiny_config, ds.vocab_size)
+    acc = make_steps(tiny_config, ds.vocab_size)
     s_acc, m_acc = acc.train_steps(acc.init(0), x, y)
     tiny_config.gradient_accumulation_steps = 1
     tiny_config.batch_size = 8
-    big = train.make_trainer(tiny_config, ds.vocab_size)
+    big = make_steps(tiny_config, ds.vocab_size)
     s_big, m_big = big.train_steps(big.init(0), x.reshape(1, 1, 8, 16), y.reshape(1, 1, 8, 16))
     np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s_acc.params, s_big.params)
@@ -97,9 +99,9 @@ def test_gradient_accumulation_matches_big_batch(tiny_config):
 def test_scanned_steps_equal_single_steps(tiny_config):
     tiny_config.check_attention = False
     ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
-    trainer = train.make_trainer(tiny_config, ds.vocab_size)
+    trainer = make_steps(tiny_config, ds.vocab_size)
     _, single = steps(trainer, trainer.init(0), ds.splits["train"], 0, 0, 4, (1, 4), 16)
-    x, y = train.sample_batches(ds.splits["train"], 0, 0, 4, (1, 4), 16)
+    x, y = train_batches(ds.splits["train"], 0, 0, 4, (1, 4), 16)
     _, m = trainer.train_steps(trainer.init(0), x, y)
     np.testing.assert_allclose(np.asarray(m["loss"]), single, rtol=1e-6)
 
@@ -110,7 +112,7 @@ def read_metrics(out_dir):
 
 
 def test_train_loop_logs_evaluates_checkpoints_and_is_deterministic(tiny_config, tmp_path):
-    summary = train.train(tiny_config, log=lambda s: None)
+    summary = train.train(setup(tiny_config, lambda s: None))
     records = read_metrics(tiny_config.out_dir)
     logs = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -123,7 +125,7 @@ def test_train_loop_logs_evaluates_checkpoints_and_is_deterministic(tiny_config,
     assert summary["step"] == 20
 
     tiny_config.out_dir = str(tmp_path / "again")
-    train.train(tiny_config, log=lambda s: None)
+    train.train(setup(tiny_config, lambda s: None))
     again = [r["loss"] for r in read_metrics(tiny_config.out_dir) if "loss" in r]
     assert again == [r["loss"] for r in logs]  # same seed, same losses, bit for bit
 
@@ -132,26 +134,26 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     tiny_config.always_save_checkpoint = True
     tiny_config.log_interval = 1
     full_dir = tiny_config.out_dir
-    train.train(tiny_config, log=lambda s: None)
+    train.train(setup(tiny_config, lambda s: None))
     full = {r["step"]: r["loss"] for r in read_metrics(full_dir) if "loss" in r}
 
     tiny_config.out_dir = str(tmp_path / "split")
     tiny_config.max_iters = 10  # stop at the step-10 checkpoint...
-    train.train(tiny_config, log=lambda s: None)
+    train.train(setup(tiny_config, lambda s: None))
     tiny_config.max_iters = 20  # ...then resume to 20 (changing max_iters is allowed)
     tiny_config.init_from = "resume"
-    train.train(tiny_config, log=lambda s: None)
+    train.train(setup(tiny_config, lambda s: None))
     resumed = {r["step"]: r["loss"] for r in read_metrics(tiny_config.out_dir) if "loss" in r}
     assert resumed == full
 
 
 def test_resume_with_other_model_shape_names_the_fields(tiny_config):
-    train.train(tiny_config, log=lambda s: None)
+    train.train(setup(tiny_config, lambda s: None))
     tiny_config.init_from = "resume"
     tiny_config.n_embd = 48
     tiny_config.n_layer = 3
     with pytest.raises(UserError, match=r"n_layer: checkpoint 2 vs config 3.*n_embd: checkpoint 32 vs config 48"):
-        train.train(tiny_config, log=lambda s: None)
+        train.train(setup(tiny_config, lambda s: None))
 
 
 def test_nan_loss_stops_with_clear_error(tiny_config):
@@ -162,7 +164,7 @@ def test_nan_loss_stops_with_clear_error(tiny_config):
     tiny_config.max_iters = 200
     tiny_config.eval_interval = 1000
     with pytest.raises(UserError, match="the loss became nan at step"):
-        train.train(tiny_config, log=lambda s: None)
+        train.train(setup(tiny_config, lambda s: None))
 
 
 def test_check_attention_runs_both_paths(tiny_config, monkeypatch):
@@ -171,24 +173,24 @@ def test_check_attention_runs_both_paths(tiny_config, monkeypatch):
     tiny_config.attention_impl = "xla"
     tiny_config.check_attention = True
     tiny_config.max_iters = 3
-    summary = train.train(tiny_config, log=lambda s: None)
+    summary = train.train(setup(tiny_config, lambda s: None))
     assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
 
     real = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.01)
     tiny_config.out_dir += "-broken"
     with pytest.raises(AssertionError, match=r"disagrees with the reference attention in layer gpt/h_0/attn"):
-        train.train(tiny_config, log=lambda s: None)
+        train.train(setup(tiny_config, lambda s: None))
 
 
 def test_steps_per_call_gives_the_same_run_without_recompiling(tiny_config, tmp_path):
     tiny_config.check_attention = False
-    train.train(tiny_config, log=lambda s: None)
+    train.train(setup(tiny_config, lambda s: None))
     single = [r for r in read_metrics(tiny_config.out_dir) if "loss" in r]
     tiny_config.out_dir = str(tmp_path / "scanned")
     tiny_config.steps_per_call = 3  # 10-step eval intervals: scans of 3 and single steps
     lines = []
-    train.train(tiny_config, log=lines.append)
+    train.train(setup(tiny_config, lines.append))
     scanned = [r for r in read_metrics(tiny_config.out_dir) if "loss" in r]
     assert [r["step"] for r in scanned] == [r["step"] for r in single]
     np.testing.assert_allclose([r["loss"] for r in scanned], [r["loss"] for r in single], rtol=1e-6)
@@ -207,7 +209,7 @@ def test_cpu_matmul_library_choice_reaches_the_compiled_step(tiny_config):
 
     def compiled_text(library):
         tiny_config.cpu_matmul_library = library
-        trainer = train.make_trainer(tiny_config, 65)
+        trainer = make_steps(tiny_config, 65)
         state = trainer.init(0)
         x = jnp.zeros((1, 1, tiny_config.batch_size, tiny_config.block_size), jnp.int32)
         return trainer.train_steps.lower(state, x, x).compile().as_text()
@@ -218,3 +220,24 @@ def test_cpu_matmul_library_choice_reaches_the_compiled_step(tiny_config):
     tiny_config.cpu_matmul_library = "mkl"
     with pytest.raises(UserError, match="cpu_matmul_library='mkl' is not one of auto, ynnpack, eigen"):
         validate(tiny_config)
+
+
+def test_bfloat16_training_computes_in_bfloat16_keeps_float32_params_and_tracks_float32(tiny_config):
+    """--config.dtype=bfloat16: the step's matmuls run in bfloat16, the parameters and AdamW state stay
+    float32 (mixed precision), and 8 steps follow the float32 run's losses to bfloat16 precision."""
+    tiny_config.check_attention = False
+    ds = open_dataset(tiny_config.data_dir, tiny_config.dataset, 16)
+    x, y = train_batches(ds.splits["train"], 0, 0, 8, (1, 4), 16)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        tiny_config.dtype = dtype
+        fns = make_steps(tiny_config, ds.vocab_size)
+        hlo = fns.train_steps.lower(fns.init(0), x, y).as_text()
+        state, metrics = fns.train_steps(fns.init(0), x, y)
+        losses[dtype] = np.asarray(metrics["loss"])
+        assert ("bf16" in hlo) == (dtype == "bfloat16")
+        assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state))} <= {
+            jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+    assert not np.array_equal(losses["bfloat16"], losses["float32"])  # really another precision
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]

@@ -1,0 +1,86 @@
+"""What a model costs, from its shape alone: parameters, FLOPs, MFU, and the memory of a train step.
+
+The one place these are computed: training's log lines, the preflight, and the benchmarks all
+call these functions (nanoGPT's `get_num_params` and `estimate_mfu`, written for any shape).
+`tests/test_model.py` checks `param_count` against the parameters the model really creates.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ml_collections
+
+from haiku_gpt.model import GPTConfig
+
+
+def param_count(mcfg: GPTConfig, position_embeddings: bool = False) -> int:
+    """The model's parameters, the tied lm_head once; nanoGPT's count leaves out the position embeddings."""
+    c, bias = mcfg.n_embd, int(mcfg.bias)
+    layer_norm = c + bias * c
+    per_layer = (2 * layer_norm
+                 + 3 * c * c + bias * 3 * c  # c_attn
+                 + c * c + bias * c          # attn c_proj
+                 + 4 * c * c + bias * 4 * c  # c_fc
+                 + 4 * c * c + bias * c)     # mlp c_proj
+    total = mcfg.vocab_size * c + mcfg.block_size * c + mcfg.n_layer * per_layer + layer_norm
+    return total if position_embeddings else total - mcfg.block_size * c
+
+
+def flops_per_token(mcfg: GPTConfig, seq_len: int | None = None) -> float:
+    """nanoGPT's estimate_mfu numerator (PaLM appendix B): 6N + 12 L H D T per token, forward and backward."""
+    seq_len = mcfg.block_size if seq_len is None else seq_len
+    return 6 * param_count(mcfg) + 12 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
+
+
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+    """Tokens in one optimizer step: micro-batches x batch x block."""
+    return config.gradient_accumulation_steps * config.batch_size * config.block_size
+
+
+def flops_per_step(config: ml_collections.ConfigDict, mcfg: GPTConfig) -> float:
+    return flops_per_token(mcfg, config.block_size) * tokens_per_step(config)
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: the fraction of `peak_flops` (FLOP/s, all devices) one step achieves."""
+    return flops_per_step / seconds_per_step / peak_flops
+
+
+def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """This device's float32 matmul rate (FLOP/s), the yardstick for MFU when none is configured."""
+    import jax  # noqa: PLC0415 (measured only when asked: it runs on the device)
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def analytic_memory(config: ml_collections.ConfigDict, mcfg: GPTConfig, devices: int = 1) -> dict[str, int]:
+    """Bytes the train step needs per device, roughly: state (params, grads, AdamW mu, nu) + activations.
+
+    With several devices the batch is split over them (data parallel), and with `fsdp` the state too.
+    """
+    n = param_count(mcfg, position_embeddings=True)
+    state = 4 * 4 * n  # float32 params, grads, mu, nu
+    if config.gradient_accumulation_steps > 1:
+        state += 4 * n  # the gradient accumulator of the scan
+    if devices > 1 and config.get("fsdp", False):
+        state = -(-state // devices)
+    act_bytes = 2 if config.dtype == "bfloat16" else 4
+    b, t, c, h = -(-config.batch_size // devices), config.block_size, mcfg.n_embd, mcfg.n_head
+    tokens = b * t
+    # Fitted to XLA's CPU memory plans (--mode=check) of the shakespeare_char configs, within 5%:
+    per_layer = tokens * 18 * c * act_bytes  # ln, qkv, attention out, residuals, 4x MLP in and out
+    if config.attention_impl != "pallas":  # [B, H, T, T] float32: scores, mask, softmax, their gradients
+        per_layer += 6 * b * h * t * t * 4
+    logits = 3 * tokens * mcfg.vocab_size * 4  # float32 logits, softmax and their gradient
+    activations = mcfg.n_layer * per_layer + logits
+    return {"params": n, "state": state, "activations": activations, "total": state + activations}

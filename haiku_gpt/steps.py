@@ -1,0 +1,168 @@
+"""The jitted functions of a run: init, the train step (a `lax.scan` of optimizer steps), eval losses.
+
+Built once per run from the config (`make_steps`), compiled on first call, reused for every step.
+Params and optimizer state are donated to the train step, so XLA updates them in place. On
+several devices (`distributed.py`) the same functions are jitted with NamedShardings over a
+'data' mesh; on one device nothing is sharded.
+
+Shapes: K optimizer steps per call (`config.steps_per_call`), A micro-batches of gradient
+accumulation, B batch rows, T = block_size, E = eval_iters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int
+
+from haiku_gpt import distributed, system
+from haiku_gpt.config import model_config
+from haiku_gpt.errors import cudnn_missing
+from haiku_gpt.model import GPTConfig, make_model
+from haiku_gpt.optimizer import lr_schedule, make_optimizer
+
+
+class TrainingState(NamedTuple):
+    params: hk.Params
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+    rng: jax.Array  # raw uint32[2] key: serialisable as it is
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The run's model and its jitted functions, with how their arrays are laid out over devices."""
+
+    config: ml_collections.ConfigDict
+    model_config: GPTConfig
+    optimizer: optax.GradientTransformation
+    init: Callable  # (seed) -> TrainingState
+    train_steps: Callable  # (state, x[K,A,B,T], y[K,A,B,T]) -> (state, {"loss": [K], "lr": [K]})
+    eval_losses: Callable  # (params, x[E,B,T], y[E,B,T]) -> [E] losses
+    mesh: jax.sharding.Mesh | None = None  # what make_steps was given (compile-only devices), else None
+    parallel: distributed.DataParallel | None = None  # several devices: the mesh (None on one device)
+    state_shardings: Any = None  # TrainingState of NamedShardings, with `parallel`
+
+    def abstract_state(self) -> TrainingState:
+        """The state's shapes and dtypes, nothing computed (a template for restoring and loading)."""
+        return jax.eval_shape(self.init, self.config.seed)
+
+    def init_with(self, params: hk.Params) -> TrainingState:
+        """A fresh state (step 0, new optimizer state, init's rng) around `params` (e.g. pretrained GPT-2)."""
+        step, rng = jax.jit(lambda: tuple(self.init(self.config.seed))[2:])()  # XLA drops the unused init
+        return TrainingState(params, jax.jit(self.optimizer.init)(params), step, rng)
+
+    def place(self, state: TrainingState) -> TrainingState:
+        """Lay a state of full arrays (scratch, restored or loaded) out on the mesh; as is on one device."""
+        return state if self.parallel is None else self.parallel.put(state, self.state_shardings)
+
+    def place_params(self, params: hk.Params) -> hk.Params:
+        return params if self.parallel is None else self.parallel.put(params, self.state_shardings.params)
+
+    def local_rows(self) -> slice | None:
+        """The rows of the global batch this process feeds (None: all of them, on one device)."""
+        return None if self.parallel is None else self.parallel.local_rows(self.config.batch_size)
+
+    def shard_batch(self, *arrays: np.ndarray):
+        """This process's rows [..., local, T] -> global arrays [..., batch_size, T] (as is on one device)."""
+        if self.parallel is None:
+            return arrays
+        return tuple(self.parallel.global_batch(a, self.config.batch_size) for a in arrays)
+
+    def traceable(self) -> Steps:
+        """These functions without the attention cross-check, for abstract traces (`jax.eval_shape`):
+        chex's value assertions need concrete values, and the cross-check changes no shape."""
+        if not self.config.check_attention:
+            return self
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        config.check_attention = False
+        return make_steps(config, self.model_config.vocab_size, self.mesh)
+
+
+def make_loss_fn(model: hk.Transformed, dtype: str) -> Callable:
+    compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+
+    def loss_fn(params, rng, x: Int[Array, "B T"], y: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
+        if compute_dtype != jnp.float32:  # mixed precision: float32 master params, low-precision compute
+            params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        logits, _ = model.apply(params, rng, x, is_training)
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+
+    return loss_fn
+
+
+def accumulated_grads(loss_fn: Callable, params, rng, x: Int[Array, "A B T"], y: Int[Array, "A B T"]):
+    """Mean loss and gradient over A micro-batches (gradient accumulation, a scan when A > 1)."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    accum = x.shape[0]
+    if accum == 1:
+        return grad_fn(params, rng, x[0], y[0], True)
+
+    def micro_step(carry, i):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(params, jax.random.fold_in(rng, i), x[i], y[i], True)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros(()), zeros), jnp.arange(accum))
+    return loss / accum, jax.tree.map(lambda g: g / accum, grads)
+
+
+def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh | None = None) -> Steps:
+    """The run's model and jitted functions; `mesh`: lay them out over these devices instead of this
+    process's (compile-only devices of `haiku_gpt.targets`, for `--mode=check --config.target=...`)."""
+    mcfg = model_config(config, vocab_size)
+    model = make_model(mcfg)
+    optimizer = make_optimizer(config)
+    schedule = lr_schedule(config)
+    loss_fn = make_loss_fn(model, config.dtype)
+    parallel = distributed.make_data_parallel(config, mesh)  # None on one device: nothing below is sharded
+
+    # Initialise without the attention cross-check: same parameters, and init may run
+    # abstractly (jax.eval_shape), where chex's value assertions cannot.
+    init_model = make_model(dataclasses.replace(mcfg, check_attention=False))
+
+    def init(seed: int) -> TrainingState:
+        init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+        params = init_model.init(init_rng, jnp.zeros((1, mcfg.block_size), jnp.int32))
+        return TrainingState(params, optimizer.init(params), jnp.zeros((), jnp.int32), train_rng)
+
+    try:  # several devices: trace init (abstractly) for the state's layout
+        state_shardings = None if parallel is None else parallel.state_shardings(jax.eval_shape(init, config.seed))
+    except RuntimeError as e:
+        raise cudnn_missing("the model does not trace", e) from None
+
+    def one_step(state: TrainingState, batch) -> tuple[TrainingState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        loss, grads = accumulated_grads(loss_fn, state.params, step_rng, *batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = TrainingState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, rng)
+        if parallel is not None:  # keep the scan's carry laid out as the state (fsdp: sharded)
+            new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
+        return new_state, {"loss": loss, "lr": schedule(state.step)}
+
+    def train_steps(state, x, y):
+        return jax.lax.scan(one_step, state, (x, y))
+
+    def eval_losses(params, x, y):
+        return jax.lax.map(lambda xy: loss_fn(params, None, xy[0], xy[1], False), (x, y))
+
+    options = None if mesh is not None else system.cpu_compiler_options(
+        config.cpu_matmul_library, config.batch_size * config.block_size, config.n_embd)
+    init_jit = jax.jit(init, static_argnums=0)
+    train_steps_jit = jax.jit(train_steps, donate_argnums=0, compiler_options=options)
+    eval_jit = jax.jit(eval_losses, compiler_options=options)
+    if parallel is not None:  # the same functions with NamedSharding in/out shardings (distributed.py)
+        init_jit, train_steps_jit, eval_jit = parallel.jit(init, train_steps, eval_losses, state_shardings, options)
+    if config.check_attention:
+        # chex value assertions inside jit need chexify; synchronous so a mismatch stops the step.
+        train_steps_jit, eval_jit = (chex.chexify(f, async_check=False) for f in (train_steps_jit, eval_jit))
+    return Steps(config, mcfg, optimizer, init_jit, train_steps_jit, eval_jit, mesh, parallel, state_shardings)
