@@ -266,21 +266,22 @@ def _preflight(exp: Experiment, compile: bool) -> Report:
     if available is not None and analytic["total"] > available:
         _refuse(report, "analytic estimate: " + _bytes(analytic["state"]) + " of state + "
                 + _bytes(analytic["activations"]) + " of activations", config)
-    state, tokens = _trace_all(exp, report)
+    # The attention cross-check (chex value assertions) needs concrete values, so the traces and the
+    # compile leave it out (`Steps.traceable`): it changes no shape.
+    steps = exp.steps.traceable()
+    state, tokens = _trace_all(exp, steps, report)
     if compile and target is not None:
-        _compile_for_target(report, target, exp.steps.traceable(), state, tokens, config)
+        _compile_for_target(report, target, steps, state, tokens, config)
     elif compile:
-        _compile_here(report, exp.steps.traceable(), state, tokens, config)
+        _compile_here(report, steps, state, tokens, config)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _trace_all(exp: Experiment, report: Report):
-    """Abstract traces (shapes only, nothing allocated) of init, the train step, eval and one decode step.
-
-    The attention cross-check (chex value assertions) needs concrete values, so these traces leave it
-    out (`Steps.traceable`): it changes no shape. Returns (the abstract state, the abstract tokens)."""
-    config, steps = exp.config, exp.steps.traceable()
+def _trace_all(exp: Experiment, steps, report: Report):
+    """Abstract traces (shapes only, nothing allocated) of `steps`' init, train step and eval, and of one
+    decode step. Returns (the abstract state, the abstract tokens)."""
+    config = exp.config
     state = _trace("init", functools.partial(steps.init, config.seed))
     report.params = sum(x.size for x in jax.tree.leaves(state.params))  # counted on the traced init
     report.traced.append("init")
