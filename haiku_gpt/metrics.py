@@ -40,25 +40,24 @@ def plot_losses(out_dir: str, records: list[dict]) -> str | None:
     evals = [r for r in records if "val_loss" in r]
     if not evals:
         return None
-    import matplotlib  # noqa: PLC0415 (optional at import time, only needed at evaluation)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # The Figure API, not pyplot: no GUI state, and the run does not pay pyplot's import.
+    from matplotlib.figure import Figure  # noqa: PLC0415 (optional at import time, only needed here)
 
     # Only the latest run's curve: a resumed run re-evaluates steps, keep the newest record per step.
     by_step = {r["step"]: r for r in evals}
     steps = sorted(by_step)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.97)  # fixed margins: no layout pass
+    ax = fig.add_subplot()
     ax.plot(steps, [by_step[s]["train_loss"] for s in steps], "o-", label="train")
     ax.plot(steps, [by_step[s]["val_loss"] for s in steps], "o-", label="val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     path = os.path.join(out_dir, "loss.png")
     tmp = path + ".tmp.png"
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
 

@@ -125,6 +125,7 @@ _GENERATIONS: dict[str, _Generation] = {
 _LITE_SLICES = ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))  # v5e and v6e
 _MAX_GPUS_PER_HOST = 8
 _MAX_TPU_AXIS = 16
+XLA_DEFAULT_OPTIMIZATION_LEVEL = 3  # DebugOptions.xla_backend_optimization_level when no flag sets it
 _GPU_RE = re.compile(r"(a100|h100)(?:x(\d+))?")
 _TPU_RE = re.compile(r"tpu-(v4|v5e|v5p|v6e)(?::(\d+(?:x\d+)*))?")
 VALID_TARGETS = (
@@ -395,6 +396,9 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
       which kernels to report. GPU: XLA dumps the module (`xla_dump_to`, a per-compile option)
       to `dump_dir` (kept) or a temporary directory (removed), and ptxas reads its PTX; TPU:
       read from the compiled HLO, no dump needed.
+    compiler_options: per-compile XLA options. XLA's default backend optimization level is
+      pinned here unless given: the compile reports what the target machine would build, even
+      where XLA_FLAGS lowers the level for this host's own (CPU) compiles, as the test suite does.
     The persistent compilation cache is not written (a compile-only executable cannot be loaded).
     """
     import jax  # noqa: PLC0415
@@ -412,7 +416,7 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
     jitted = fn if prejitted else jax.jit(fn, donate_argnums=donate_argnums, static_argnums=statics,
                                           **jit_kwargs)
     with _dump_directory(target, kernels, dump_dir) as dump:
-        options = dict(compiler_options or {})
+        options = {"xla_backend_optimization_level": XLA_DEFAULT_OPTIMIZATION_LEVEL, **(compiler_options or {})}
         if dump is not None:
             options["xla_dump_to"] = str(dump)
         start = time.perf_counter()
@@ -422,7 +426,7 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
             lowered = jitted.lower(*abstract)
         lowered_at = time.perf_counter()
         with _persistent_cache_not_written():
-            compiled = lowered.compile(compiler_options=options or None)
+            compiled = lowered.compile(compiler_options=options)
         seconds = time.perf_counter() - lowered_at
         found = _kernel_resources(target, compiled, dump, kernels) if kernels is not False else ()
     flops, source = _flops(compiled)

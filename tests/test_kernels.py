@@ -536,7 +536,8 @@ def test_under_a_mesh_each_device_runs_its_batch_rows_with_global_dropout_bits(t
 
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED_SCRIPT)
-    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    environ = __import__("os").environ
+    env = {**environ, "XLA_FLAGS": environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, str(script), str(Path(__file__).resolve().parents[1])],
                             capture_output=True, text=True, env=env, timeout=600)
