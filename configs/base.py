@@ -43,10 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.beta2 = 0.95
     c.grad_clip = 1.0  # 0 disables clipping
     # learning-rate schedule
-    c.decay_lr = True
+    c.decay_lr = True  # False: learning_rate at every step
+    c.lr_schedule = "cosine"  # 'cosine' (nanoGPT's) | 'wsd' (warmup-stable-decay) | 'constant' (after warmup)
     c.warmup_iters = 2000
-    c.lr_decay_iters = 600000
+    c.lr_decay_iters = 600000  # cosine and wsd reach min_lr here
     c.min_lr = 6e-5
+    c.wsd_decay_fraction = 0.2  # wsd: decay over this final fraction of lr_decay_iters - warmup_iters
+    c.wsd_decay_shape = "linear"  # wsd: 'linear' | '1-sqrt'
     # system
     c.seed = 1337
     c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)

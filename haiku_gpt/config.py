@@ -11,6 +11,9 @@ from haiku_gpt.model import GPTConfig
 from haiku_gpt.system import CPU_MATMUL_LIBRARIES
 from kernels import ATTENTION_IMPLS, check_attention_impl
 
+LR_SCHEDULES = ("cosine", "wsd", "constant")  # optimizer.lr_schedule
+WSD_DECAY_SHAPES = ("linear", "1-sqrt")
+
 DTYPES = ("float32", "bfloat16")
 INIT_FROM = ("scratch", "resume")
 # OpenAI's GPT-2 checkpoints on the Hugging Face Hub (haiku_gpt/pretrained.py); a local directory works too.
@@ -79,6 +82,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad(f"--config.max_iters={config.max_iters} must be >= 0.")
     if config.learning_rate <= 0 or config.min_lr < 0:
         bad("--config.learning_rate must be > 0 and --config.min_lr >= 0.")
+    if config.lr_schedule not in LR_SCHEDULES:
+        bad(f"--config.lr_schedule={config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}.")
+    if config.wsd_decay_shape not in WSD_DECAY_SHAPES:
+        bad(f"--config.wsd_decay_shape={config.wsd_decay_shape!r} is not one of {', '.join(WSD_DECAY_SHAPES)}.")
+    if not 0.0 < config.wsd_decay_fraction <= 1.0:
+        bad(f"--config.wsd_decay_fraction={config.wsd_decay_fraction} must be in (0, 1]: the final fraction of "
+            "the run (after warmup) over which wsd decays, e.g. 0.2.")
+    if config.decay_lr and config.lr_schedule != "constant" and config.lr_decay_iters <= config.warmup_iters:
+        bad(f"--config.lr_decay_iters={config.lr_decay_iters} must be larger than --config.warmup_iters="
+            f"{config.warmup_iters}: the {config.lr_schedule} schedule decays between the two.")
     if config.keep_checkpoints < 1:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:

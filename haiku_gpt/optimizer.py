@@ -1,4 +1,5 @@
-"""AdamW with nanoGPT's learning-rate schedule, weight decay only on matrices, global-norm clipping."""
+"""AdamW with a learning-rate schedule (nanoGPT's cosine, WSD or constant), weight decay only on
+matrices, global-norm clipping."""
 
 from __future__ import annotations
 
@@ -11,18 +12,36 @@ import optax
 
 
 def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """nanoGPT's get_lr(it): linear warmup, cosine decay to min_lr, then min_lr (or constant)."""
+    """The learning rate at step `it` (nanoGPT's names: learning_rate, warmup_iters, lr_decay_iters, min_lr).
+
+    Every schedule warms up linearly as nanoGPT's get_lr(it) does, lr * (it + 1) / (warmup_iters + 1), then:
+      cosine    nanoGPT's: cosine from learning_rate down to min_lr at lr_decay_iters, min_lr after.
+      wsd       warmup-stable-decay: learning_rate until the last `wsd_decay_fraction` of the steps
+                from warmup_iters to lr_decay_iters, then down to min_lr at lr_decay_iters ('linear',
+                or '1-sqrt': lr - (lr - min_lr) * sqrt(t) at decay progress t), min_lr after.
+      constant  learning_rate after the warmup.
+    `decay_lr=False` (nanoGPT's switch) is learning_rate at every step, no warmup.
+    """
     lr, min_lr = config.learning_rate, config.min_lr
     warmup, decay_iters = config.warmup_iters, config.lr_decay_iters
+    kind, shape, decay = config.lr_schedule, config.wsd_decay_shape, config.decay_lr
+    decay_start = decay_iters - config.wsd_decay_fraction * (decay_iters - warmup) if kind == "wsd" else warmup
 
     def schedule(step):
         it = jnp.asarray(step, jnp.float32)
-        if not config.decay_lr:
+        if not decay:
             return jnp.full_like(it, lr)
         warm = lr * (it + 1) / (warmup + 1)
-        ratio = jnp.clip((it - warmup) / max(decay_iters - warmup, 1), 0.0, 1.0)
-        cosine = min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (lr - min_lr)
-        return jnp.where(it < warmup, warm, jnp.where(it > decay_iters, min_lr, cosine))
+        if kind == "constant":
+            return jnp.where(it < warmup, warm, lr)
+        t = jnp.clip((it - decay_start) / max(decay_iters - decay_start, 1), 0.0, 1.0)  # decay progress
+        if kind == "cosine":
+            decayed = min_lr + 0.5 * (1.0 + jnp.cos(math.pi * t)) * (lr - min_lr)
+        elif shape == "linear":
+            decayed = lr - (lr - min_lr) * t
+        else:  # 1-sqrt
+            decayed = lr - (lr - min_lr) * jnp.sqrt(t)
+        return jnp.where(it < warmup, warm, jnp.where(it > decay_iters, min_lr, decayed))
 
     return schedule
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,42 @@ def test_lr_schedule_is_nanogpts():
         assert float(schedule(it)) == pytest.approx(nanogpt_get_lr(it, c), rel=1e-5)
     c.decay_lr = False
     assert float(lr_schedule(c)(1234)) == pytest.approx(c.learning_rate)
+
+
+def test_wsd_and_constant_schedules():
+    """WSD: warmup, learning_rate until the decay window (the last 20% of the steps after warmup),
+    then linearly or as 1-sqrt down to min_lr; constant: learning_rate after the warmup."""
+    c = shakespeare_char.get_config()  # warmup 100, lr_decay_iters 5000: the decay runs 4020..5000
+    lr, lo = c.learning_rate, c.min_lr
+    c.lr_schedule, c.wsd_decay_fraction = "wsd", 0.2
+    linear = lr_schedule(c)
+    c.wsd_decay_shape = "1-sqrt"
+    sqrt = lr_schedule(c)
+    for it, t in [(4020, 0.0), (4265, 0.25), (4510, 0.5), (4755, 0.75), (5000, 1.0)]:
+        assert float(linear(it)) == pytest.approx(lr - (lr - lo) * t, rel=1e-5), it
+        assert float(sqrt(it)) == pytest.approx(lr - (lr - lo) * math.sqrt(t), rel=1e-5), it
+    for it in [0, 50, 99]:  # the same warmup as nanoGPT's
+        assert float(linear(it)) == pytest.approx(nanogpt_get_lr(it, c), rel=1e-5)
+    for it in [100, 2000, 4019]:  # stable
+        assert float(linear(it)) == float(sqrt(it)) == pytest.approx(lr)
+    assert float(linear(6000)) == float(sqrt(6000)) == pytest.approx(lo)
+    c.lr_schedule = "constant"
+    constant = lr_schedule(c)
+    assert float(constant(50)) == pytest.approx(nanogpt_get_lr(50, c), rel=1e-5)
+    assert [float(constant(it)) for it in (100, 5000, 9000)] == pytest.approx([lr] * 3)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr_schedule", "linear", "is not one of cosine, wsd, constant"),
+    ("wsd_decay_shape", "cosine", "is not one of linear, 1-sqrt"),
+    ("wsd_decay_fraction", 0.0, "must be in (0, 1]"),
+    ("lr_decay_iters", 100, "must be larger than --config.warmup_iters=100"),
+])
+def test_bad_schedule_fields_are_refused(field, value, message):
+    c = shakespeare_char.get_config()
+    c[field] = value
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(c)
 
 
 def test_weight_decay_only_on_matrices():
