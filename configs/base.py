@@ -20,6 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.always_save_checkpoint = True
     c.init_from = "scratch"  # 'scratch' | 'resume'
     c.keep_checkpoints = 3
+    c.tensorboard = True  # TensorBoard event files in out_dir, beside metrics.jsonl
+    c.wandb_log = False  # wandb logging (pip install wandb; WANDB_MODE=offline works without a network)
+    c.wandb_project = "owt"
+    c.wandb_run_name = "gpt2"
     # data
     c.data_dir = "data"  # datasets live in data_dir/dataset/{train,val}.bin + meta.json
     c.dataset = "openwebtext"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections
@@ -92,6 +93,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.decay_lr and config.lr_schedule != "constant" and config.lr_decay_iters <= config.warmup_iters:
         bad(f"--config.lr_decay_iters={config.lr_decay_iters} must be larger than --config.warmup_iters="
             f"{config.warmup_iters}: the {config.lr_schedule} schedule decays between the two.")
+    if config.wandb_log and importlib.util.find_spec("wandb") is None:
+        bad("--config.wandb_log=True needs the wandb package, which is not installed: `pip install wandb` (or "
+            "`pip install -e '.[wandb]'`), or drop --config.wandb_log; WANDB_MODE=offline logs without a network.")
     if config.keep_checkpoints < 1:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:

@@ -1,5 +1,8 @@
-"""Run metrics: `out_dir/metrics.jsonl` (one JSON object per event), `out_dir/loss.png`, and the
-per-step log lines of training (`StepLog`)."""
+"""Run metrics: `out_dir/metrics.jsonl` (one JSON object per event), TensorBoard event files in
+`out_dir` and a wandb run (`config.tensorboard`, `config.wandb_log`), `out_dir/loss.png`, and the
+per-step log lines of training (`StepLog`). TensorBoard and wandb get the same names and values as
+metrics.jsonl: loss, lr, grad_norm, param_norm, update_norm, dt_ms, tokens_per_sec, mfu at log
+steps; train_loss, val_loss at evaluations."""
 
 from __future__ import annotations
 
@@ -16,23 +19,76 @@ from haiku_gpt.errors import UserError
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; `log` events and `eval` events share the file."""
+    """Appends one JSON object per line (`log` and `eval` events share the file) and hands each
+    record's scalars to the sinks (TensorBoard, wandb: `open_sinks`). A context manager: leaving it
+    flushes and closes the sinks."""
 
-    def __init__(self, out_dir: str, enabled: bool = True):
+    def __init__(self, out_dir: str, enabled: bool = True, sinks: tuple = ()):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.enabled = enabled
+        self.sinks = sinks if enabled else ()
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step"}
+        for sink in self.sinks:
+            sink.log(record["step"], scalars)
 
     def read(self) -> list[dict]:
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class TensorBoard:
+    """Scalars as TensorBoard event files in out_dir (tensorboardX: no TensorFlow needed);
+    `tensorboard --logdir OUT_DIR` shows them."""
+
+    def __init__(self, out_dir: str):
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+        self.writer = SummaryWriter(logdir=out_dir, flush_secs=10)
+
+    def log(self, step: int, scalars: dict) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Wandb:
+    """A wandb run named as nanoGPT's config names it (wandb_project, wandb_run_name), its files
+    under out_dir; WANDB_MODE=offline logs without a network (`wandb sync` uploads later)."""
+
+    def __init__(self, config):
+        import wandb  # noqa: PLC0415 (optional: config.validate refuses wandb_log without it)
+
+        self.run = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
+                              config=config.to_dict(), dir=config.out_dir)
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_sinks(config) -> tuple:
+    """The sinks the config asks for, opened (process 0 only: the caller decides)."""
+    return ((TensorBoard(config.out_dir),) if config.tensorboard else ()) + \
+        ((Wandb(config),) if config.wandb_log else ())
 
 
 def plot_losses(out_dir: str, records: list[dict]) -> str | None:
@@ -68,7 +124,7 @@ class Call:
 
     first: int
     k: int
-    metrics: Any  # {"loss": [k], "lr": [k]}, still on the device
+    metrics: Any  # {"loss": [k], "lr": [k], "grad_norm": [k], ...}, still on the device
     dispatched: float
 
 
@@ -93,7 +149,8 @@ class StepLog:
         """Wait for `call` (None: nothing in flight) and log its steps."""
         if call is None:
             return
-        losses, lrs = np.asarray(call.metrics["loss"]), np.asarray(call.metrics["lr"])  # waits for the call
+        metrics = {name: np.asarray(values) for name, values in call.metrics.items()}  # waits for the call
+        losses = metrics["loss"]
         now = time.perf_counter()
         dt = (now - max(call.dispatched, self._last_finished)) / call.k  # busy with the previous call until then
         self._last_finished = now
@@ -105,7 +162,7 @@ class StepLog:
             self._check_finite(float(losses[i]), call.first + i)
             self.last_loss = float(losses[i])
             if (call.first + i) % self.config.log_interval == 0:
-                self._log(call.first + i, self.last_loss, float(lrs[i]), dt)
+                self._log(call.first + i, {name: float(values[i]) for name, values in metrics.items()}, dt)
 
     def _check_finite(self, loss: float, step: int) -> None:
         if np.isfinite(loss):
@@ -117,13 +174,15 @@ class StepLog:
             f"checkpoint in {cfg.out_dir} was left untouched. Likely causes: a learning rate too high "
             f"(--config.learning_rate={cfg.learning_rate}), or bfloat16 overflow (--config.dtype=float32).")
 
-    def _log(self, step: int, loss: float, lr: float, dt: float) -> None:
+    def _log(self, step: int, values: dict[str, float], dt: float) -> None:
+        """values: the step's loss, lr and norms (the train step's metrics)."""
         utilisation = mfu(self.flops_per_step, dt, self.peak_flops)
-        record = {"step": step, "loss": loss, "lr": lr, "dt_ms": dt * 1e3,
-                  "tokens_per_sec": self.tokens_per_step / dt, "mfu": utilisation}
+        record = {"step": step, **values, "dt_ms": dt * 1e3, "tokens_per_sec": self.tokens_per_step / dt,
+                  "mfu": utilisation}
         self.writer.write(record)
-        self.emit(f"iter {step}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1e3:.2f}ms, "
-                  f"{record['tokens_per_sec']:,.0f} tok/s, mfu {utilisation * 100:.2f}%")
+        self.emit(f"iter {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, grad norm "
+                  f"{values['grad_norm']:.3f}, time {dt * 1e3:.2f}ms, {record['tokens_per_sec']:,.0f} tok/s, "
+                  f"mfu {utilisation * 100:.2f}%")
 
     def summary(self) -> dict:
         out = {} if self.first_call_seconds is None else {"first_call_seconds": self.first_call_seconds}

@@ -44,7 +44,7 @@ class Steps:
     model_config: GPTConfig
     optimizer: optax.GradientTransformation
     init: Callable  # (seed) -> TrainingState
-    train_steps: Callable  # (state, x[K,A,B,T], y[K,A,B,T]) -> (state, {"loss": [K], "lr": [K]})
+    train_steps: Callable  # (state, x[K,A,B,T], y[K,A,B,T]) -> (state, {"loss": [K], "lr": [K], norms: [K]})
     eval_losses: Callable  # (params, x[E,B,T], y[E,B,T]) -> [E] losses
     mesh: jax.sharding.Mesh | None = None  # what make_steps was given (compile-only devices), else None
     parallel: distributed.DataParallel | None = None  # several devices: the mesh (None on one device)
@@ -115,6 +115,12 @@ def accumulated_grads(loss_fn: Callable, params, rng, x: Int[Array, "A B T"], y:
     return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
 
+def norms(grads, updates, params) -> dict[str, Float[Array, ""]]:
+    """Global L2 norms: the gradient before clipping, the optimizer's update, the parameters after it."""
+    return {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params)}
+
+
 def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh | None = None) -> Steps:
     """The run's model and jitted functions; `mesh`: lay them out over these devices instead of this
     process's (compile-only devices of `haiku_gpt.targets`, for `--mode=check --config.target=...`)."""
@@ -142,10 +148,11 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
         rng, step_rng = jax.random.split(state.rng)
         loss, grads = accumulated_grads(loss_fn, state.params, step_rng, *batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = TrainingState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, rng)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainingState(params, opt_state, state.step + 1, rng)
         if parallel is not None:  # keep the scan's carry laid out as the state (fsdp: sharded)
             new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
-        return new_state, {"loss": loss, "lr": schedule(state.step)}
+        return new_state, {"loss": loss, "lr": schedule(state.step), **norms(grads, updates, params)}
 
     def train_steps(state, x, y):
         return jax.lax.scan(one_step, state, (x, y))

@@ -20,7 +20,7 @@ from haiku_gpt import checkpoint, costs, distributed, pretrained
 from haiku_gpt.data import train_batches
 from haiku_gpt.evaluate import estimate_loss
 from haiku_gpt.experiment import Experiment
-from haiku_gpt.metrics import Call, MetricsWriter, StepLog, plot_losses
+from haiku_gpt.metrics import Call, MetricsWriter, StepLog, open_sinks, plot_losses
 from haiku_gpt.steps import TrainingState
 
 
@@ -30,14 +30,14 @@ def train(exp: Experiment) -> dict:
     checkpoint.ensure_writable(config.out_dir)
     state, best_val_loss = _initial_state(exp)
     peak = _report_sizes(exp)
-    writer = MetricsWriter(config.out_dir, enabled=exp.is_main)
+    writer = MetricsWriter(config.out_dir, enabled=exp.is_main, sinks=open_sinks(config) if exp.is_main else ())
     bar = tqdm(total=config.max_iters, initial=int(state.step), disable=None if exp.is_main else True,
                leave=False, unit="step")
     step_log = StepLog(config, costs.flops_per_step(config, steps.model_config), costs.tokens_per_step(config),
                        peak, writer, emit=log if bar.disable else tqdm.write)  # log lines above a live bar
     batch_shape = (config.gradient_accumulation_steps, config.batch_size)
     step, in_flight, scan_lengths, summary = int(state.step), None, set(), {}
-    with _StopRequest() as stop, bar:
+    with _StopRequest() as stop, bar, writer:
         while True:
             if step % config.eval_interval == 0 or step == config.max_iters:
                 step_log.finish(in_flight)

@@ -57,7 +57,9 @@ def test_train_prints_nanogpt_style_progress(trained):
     assert "number of parameters: 0.03M" in result.stdout
     assert "step 20: train loss" in result.stdout and "iter 15: loss" in result.stdout
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "dt_ms", "tokens_per_sec", "mfu"} == set(lines[1])
+    assert set(lines[1]) == {"step", "loss", "lr", "grad_norm", "update_norm", "param_norm", "dt_ms",
+                             "tokens_per_sec", "mfu"}
+    assert list(out_dir.glob("events.out.tfevents.*"))  # TensorBoard, on by default
     assert (out_dir / "loss.png").exists()
 
 

@@ -154,7 +154,8 @@ def test_train_loop_logs_evaluates_checkpoints_and_is_deterministic(tiny_config,
     logs = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in logs] == [0, 5, 10, 15]
-    assert set(logs[0]) == {"step", "loss", "lr", "dt_ms", "tokens_per_sec", "mfu"}
+    assert set(logs[0]) == {"step", "loss", "lr", "grad_norm", "update_norm", "param_norm", "dt_ms",
+                            "tokens_per_sec", "mfu"}
     assert [r["step"] for r in evals] == [0, 10, 20] and set(evals[0]) == {"step", "train_loss", "val_loss"}
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert os.path.getsize(os.path.join(tiny_config.out_dir, "loss.png")) > 1000

@@ -1,0 +1,158 @@
+"""What a training run logs: the norms are the real ones, and TensorBoard's event files and the
+(offline) wandb run hold exactly what metrics.jsonl holds."""
+
+import json
+import struct
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from haiku_gpt import modes
+from haiku_gpt.data import train_batches
+from haiku_gpt.experiment import setup
+from haiku_gpt.model import make_model
+from haiku_gpt.steps import make_loss_fn
+from tests.conftest import quiet
+
+STEPS = 4
+
+
+def read_event_scalars(out_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in out_dir's TensorBoard event files: TFRecords (length, its crc, an Event proto,
+    its crc), read without TensorBoard."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    files = sorted(out_dir.glob("events.out.tfevents.*"))
+    assert files, f"no event files in {out_dir}"
+    for path in files:
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    """A tiny run, a checkpoint after every step, logged to TensorBoard and to an offline wandb run."""
+    from configs import tiny
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_SILENT", "true")
+    config = tiny.get_config()
+    config.update(data_dir=data_dir, dataset="chars", out_dir=str(tmp_path_factory.mktemp("metrics") / "out"),
+                  max_iters=STEPS, eval_interval=1, log_interval=1, always_save_checkpoint=True,
+                  keep_checkpoints=STEPS + 1, grad_clip=0.05, wandb_log=True, lr_schedule="wsd")
+    try:
+        assert modes.run("train", config) == 0
+    finally:
+        mp.undo()
+    out_dir = Path(config.out_dir)
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return config, out_dir, records
+
+
+def params_at(out_dir: Path, step: int, template):
+    """The parameters saved at `step` (the state's leaves, in `template`'s order)."""
+    with np.load(out_dir / "checkpoints" / f"step_{step:08d}" / "state.npz") as z:
+        leaves = [z[f"arr_{i}"] for i in range(len(jax.tree.leaves(template)))]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves).params
+
+
+def test_norms_are_the_gradient_before_clipping_the_update_and_the_parameters(run):
+    config, out_dir, records = run
+    logs = {r["step"]: r for r in records if "loss" in r}
+    assert sorted(logs) == list(range(STEPS))
+    exp = setup(config, quiet)
+    template = exp.steps.abstract_state()
+    loss_fn = make_loss_fn(make_model(exp.model_config), config.dtype)
+    dataset = exp.dataset
+    for step in range(1, STEPS):
+        before, after = params_at(out_dir, step, template), params_at(out_dir, step + 1, template)
+        x, y = train_batches(dataset.splits["train"], config.seed, step, 1, (1, config.batch_size),
+                             config.block_size)
+        grads = jax.grad(loss_fn)(before, None, x[0, 0], y[0, 0], True)
+        record = logs[step]
+        assert record["grad_norm"] == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
+        assert record["grad_norm"] > config.grad_clip  # logged before clipping: clipping was active
+        update = jax.tree.map(lambda a, b: a - b, after, before)
+        assert record["update_norm"] == pytest.approx(float(optax.tree.norm(update)), rel=1e-3)
+        assert record["param_norm"] == pytest.approx(float(optax.tree.norm(after)), rel=1e-5)
+
+
+def test_tensorboard_events_hold_what_metrics_jsonl_holds(run):
+    _, out_dir, records = run
+    scalars = read_event_scalars(out_dir)
+    expected: dict[str, dict[int, float]] = {}
+    for record in records:
+        for name, value in record.items():
+            if name != "step":
+                expected.setdefault(name, {})[record["step"]] = value
+    assert set(scalars) == set(expected) >= {"loss", "lr", "grad_norm", "param_norm", "update_norm",
+                                              "tokens_per_sec", "mfu", "train_loss", "val_loss"}
+    for name, by_step in expected.items():
+        assert sorted(scalars[name]) == sorted(by_step), name
+        for step, value in by_step.items():
+            assert scalars[name][step] == pytest.approx(value, rel=1e-6), (name, step)  # float32 in the file
+
+
+def read_wandb_history(run_dir: Path) -> dict[int, dict]:
+    """The history rows of an offline wandb run's .wandb file, by step: a LevelDB-style log (a
+    ':W&B' header, 32 KiB blocks of records with a crc32/length/type header; FULL=1, FIRST=2,
+    MIDDLE=3, LAST=4) of wandb Record protos, read without wandb's service."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    chunks, pending, offset, block = [], b"", 7, 32768
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a record header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):
+            chunks.append(pending)
+            pending = b""
+    rows = {}
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record.FromString(chunk)
+        if record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows[row["_step"]] = row
+    return rows
+
+
+def test_wandb_offline_run_holds_what_metrics_jsonl_holds(run):
+    config, out_dir, records = run
+    (run_dir,) = (out_dir / "wandb").glob("offline-run-*")  # WANDB_MODE=offline, under out_dir
+    rows = read_wandb_history(run_dir)
+    assert sorted(rows) == sorted({r["step"] for r in records})
+    for record in records:  # a step's log and eval records share one wandb row
+        for name, value in record.items():
+            if name != "step":
+                assert rows[record["step"]][name] == pytest.approx(value, rel=1e-12), (name, record["step"])
+
+
+def test_wsd_schedule_reaches_the_step(run):
+    """--config.lr_schedule=wsd through a run: the logged learning rates are the schedule's."""
+    from haiku_gpt.optimizer import lr_schedule
+
+    config, _, records = run
+    schedule = lr_schedule(config)
+    for record in records:
+        if "lr" in record:
+            assert record["lr"] == pytest.approx(float(schedule(record["step"])), rel=1e-6)
