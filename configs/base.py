@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
     c.fsdp = False  # several devices: shard params + optimizer state over them (ZeRO-3), not replicate
     c.peak_flops = 0.0  # for MFU; 0: measure this device's float32 matmul rate at start-up
+    c.profile_steps = ""  # 'START,STOP': a jax.profiler trace of those steps in out_dir/profile
     c.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over prefetched batches)
     c.target = ""  # --mode=check only: compile for hardware that is not here, e.g. 'h100x8', 'tpu-v5e:2x4'
     c.cpu_matmul_library = "auto"  # XLA:CPU matmuls: 'auto' | 'ynnpack' (small models) | 'eigen' (large)

@@ -55,6 +55,21 @@ def _platform(config: ml_collections.ConfigDict) -> str | None:
     return jax.default_backend()
 
 
+def profile_window(value: str) -> tuple[int, int] | None:
+    """--config.profile_steps=START,STOP -> (START, STOP): trace steps START..STOP-1; '' -> None."""
+    if not value:
+        return None
+    parts = str(value).split(",")
+    try:
+        start, stop = (int(p) for p in parts)
+    except ValueError:
+        start, stop = -1, -1
+    if len(parts) != 2 or not 0 <= start < stop:
+        raise UserError(f"--config.profile_steps={value!r} must be START,STOP with 0 <= START < STOP, e.g. "
+                        "--config.profile_steps=10,15 to trace steps 10 to 14.")
+    return start, stop
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise UserError for anything that would fail later, before any work is done."""
     def bad(msg: str) -> None:
@@ -96,6 +111,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.wandb_log and importlib.util.find_spec("wandb") is None:
         bad("--config.wandb_log=True needs the wandb package, which is not installed: `pip install wandb` (or "
             "`pip install -e '.[wandb]'`), or drop --config.wandb_log; WANDB_MODE=offline logs without a network.")
+    profile_window(config.profile_steps)
     if config.keep_checkpoints < 1:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:

@@ -10,6 +10,7 @@ call N's losses (`metrics.StepLog`), so sampling batches and logging overlap the
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 
@@ -17,6 +18,7 @@ import jax
 from tqdm import tqdm
 
 from haiku_gpt import checkpoint, costs, distributed, pretrained
+from haiku_gpt.config import profile_window
 from haiku_gpt.data import train_batches
 from haiku_gpt.evaluate import estimate_loss
 from haiku_gpt.experiment import Experiment
@@ -37,7 +39,7 @@ def train(exp: Experiment) -> dict:
                        peak, writer, emit=log if bar.disable else tqdm.write)  # log lines above a live bar
     batch_shape = (config.gradient_accumulation_steps, config.batch_size)
     step, in_flight, scan_lengths, summary = int(state.step), None, set(), {}
-    with _StopRequest() as stop, bar, writer:
+    with _StopRequest() as stop, bar, writer, _Profile(config, log) as profile:
         while True:
             if step % config.eval_interval == 0 or step == config.max_iters:
                 step_log.finish(in_flight)
@@ -56,6 +58,7 @@ def train(exp: Experiment) -> dict:
             x, y = train_batches(exp.dataset.splits["train"], config.seed, step, k, batch_shape, config.block_size,
                                  rows=steps.local_rows())
             x, y = steps.shard_batch(x, y)  # several devices: one global array from each process's rows
+            profile.update(step, state)
             dispatched = time.perf_counter()
             state, metrics = steps.train_steps(state, x, y)  # returns at once; runs asynchronously
             scan_lengths.add(k)
@@ -131,6 +134,42 @@ def _warn_if_recompiled(train_steps, scan_lengths: set[int], step: int, log) -> 
     if variants is not None and variants == len(scan_lengths) + 1:
         log(f"warning: the train step was compiled again at step {step} ({variants} versions for "
             f"{len(scan_lengths)} scan lengths): an input changed shape or dtype; every recompilation costs seconds")
+
+
+class _Profile:
+    """--config.profile_steps=START,STOP: a jax.profiler trace of the calls that run steps START to
+    STOP-1 (whole calls, with steps_per_call > 1), written to out_dir/profile: TensorBoard's profile
+    plugin reads plugins/profile/*/*.xplane.pb, ui.perfetto.dev opens perfetto_trace.json.gz."""
+
+    def __init__(self, config, log):
+        self.window, self.log, self.active = profile_window(config.profile_steps), log, False
+        self.path = os.path.join(config.out_dir, "profile")
+
+    def __enter__(self) -> _Profile:
+        return self
+
+    def update(self, step: int, state) -> None:
+        """Before dispatching the call that starts at `step`: start or stop the trace."""
+        if self.window is None:
+            return
+        start, stop = self.window
+        if not self.active and start <= step < stop:
+            jax.profiler.start_trace(self.path, create_perfetto_trace=True)
+            self.active = True
+        elif self.active and step >= stop:
+            jax.block_until_ready(state)  # the traced calls finish inside the trace
+            self._stop(step)
+
+    def _stop(self, step: int) -> None:
+        jax.profiler.stop_trace()
+        self.active = False
+        self.log(f"profile of steps {self.window[0]} to {step - 1} written to {self.path} (tensorboard --logdir "
+                 f"{self.path}, or open perfetto_trace.json.gz in ui.perfetto.dev)")
+
+    def __exit__(self, *exc) -> None:
+        if self.active:  # the run ended inside the window
+            jax.effects_barrier()
+            self._stop(self.window[1])
 
 
 class _StopRequest:

@@ -42,7 +42,8 @@ def read_event_scalars(out_dir: Path) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def run(data_dir, tmp_path_factory):
-    """A tiny run, a checkpoint after every step, logged to TensorBoard and to an offline wandb run."""
+    """A tiny run, a checkpoint after every step, logged to TensorBoard and to an offline wandb run,
+    with a profile of steps 1 and 2."""
     from configs import tiny
 
     mp = pytest.MonkeyPatch()
@@ -51,7 +52,8 @@ def run(data_dir, tmp_path_factory):
     config = tiny.get_config()
     config.update(data_dir=data_dir, dataset="chars", out_dir=str(tmp_path_factory.mktemp("metrics") / "out"),
                   max_iters=STEPS, eval_interval=1, log_interval=1, always_save_checkpoint=True,
-                  keep_checkpoints=STEPS + 1, grad_clip=0.05, wandb_log=True, lr_schedule="wsd")
+                  keep_checkpoints=STEPS + 1, grad_clip=0.05, wandb_log=True, lr_schedule="wsd",
+                  profile_steps="1,3")
     try:
         assert modes.run("train", config) == 0
     finally:
@@ -156,3 +158,17 @@ def test_wsd_schedule_reaches_the_step(run):
     for record in records:
         if "lr" in record:
             assert record["lr"] == pytest.approx(float(schedule(record["step"])), rel=1e-6)
+
+
+def test_profile_steps_writes_a_trace_of_those_steps(run):
+    """--config.profile_steps=1,3: TensorBoard's profile (xplane) and a Perfetto trace in out_dir/profile,
+    holding the train step's dispatches."""
+    import gzip
+
+    _, out_dir, _ = run
+    (xplane,) = (out_dir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb")
+    assert xplane.stat().st_size > 0
+    (perfetto,) = (out_dir / "profile" / "plugins" / "profile").glob("*/perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))
+    names = {e.get("name") for e in (events["traceEvents"] if isinstance(events, dict) else events)}
+    assert "PjitFunction(train_steps)" in names, sorted(n for n in names if n and "Pjit" in n)

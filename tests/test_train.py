@@ -67,8 +67,11 @@ def test_wsd_and_constant_schedules():
     ("wsd_decay_shape", "cosine", "is not one of linear, 1-sqrt"),
     ("wsd_decay_fraction", 0.0, "must be in (0, 1]"),
     ("lr_decay_iters", 100, "must be larger than --config.warmup_iters=100"),
+    ("profile_steps", "5", "must be START,STOP with 0 <= START < STOP"),
+    ("profile_steps", "10,5", "must be START,STOP with 0 <= START < STOP"),
+    ("profile_steps", "a,b", "must be START,STOP with 0 <= START < STOP"),
 ])
-def test_bad_schedule_fields_are_refused(field, value, message):
+def test_bad_schedule_and_profile_fields_are_refused(field, value, message):
     c = shakespeare_char.get_config()
     c[field] = value
     with pytest.raises(UserError, match=re.escape(message)):
