@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.vocab_size = 0  # 0: from the dataset's meta.json (BPE 50257 is padded to 50304)
     c.attention_impl = "reference"  # 'reference' | 'blocked' (fastest on CPU) | 'xla' | 'cudnn' (GPU) | 'pallas'
     c.check_attention = False  # run the reference beside attention_impl and chex-compare
+    c.remat = "none"  # 'none' | 'block' (recompute each block in the backward pass) | 'dots' (keep matmul outputs)
     # AdamW
     c.learning_rate = 6e-4
     c.max_iters = 600000

@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from haiku_gpt.errors import UserError
-from haiku_gpt.model import GPTConfig
+from haiku_gpt.model import REMAT_POLICIES, GPTConfig
 from haiku_gpt.system import CPU_MATMUL_LIBRARIES
 from kernels import ATTENTION_IMPLS, check_attention_impl
 
@@ -112,6 +112,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad("--config.wandb_log=True needs the wandb package, which is not installed: `pip install wandb` (or "
             "`pip install -e '.[wandb]'`), or drop --config.wandb_log; WANDB_MODE=offline logs without a network.")
     profile_window(config.profile_steps)
+    if config.remat not in REMAT_POLICIES:
+        bad(f"--config.remat={config.remat!r} is not one of {', '.join(REMAT_POLICIES)}: 'block' recomputes each "
+            "transformer block in the backward pass, 'dots' keeps only its matmul outputs.")
     if config.keep_checkpoints < 1:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:
@@ -144,7 +147,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfi
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
-        attention_impl=config.attention_impl, check_attention=config.check_attention)
+        attention_impl=config.attention_impl, check_attention=config.check_attention, remat=config.remat)
 
 
 def _divisor_near(n: int, target: int) -> int:

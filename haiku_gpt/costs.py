@@ -82,5 +82,9 @@ def analytic_memory(config: ml_collections.ConfigDict, mcfg: GPTConfig, devices:
     if config.attention_impl != "pallas":  # [B, H, T, T] float32: scores, mask, softmax, their gradients
         per_layer += 6 * b * h * t * t * 4
     logits = 3 * tokens * mcfg.vocab_size * 4  # float32 logits, softmax and their gradient
-    activations = mcfg.n_layer * per_layer + logits
+    # --config.remat: each layer keeps only what the policy saves; one layer at a time is recomputed whole.
+    kept = {"none": per_layer,
+            "block": tokens * c * act_bytes,  # the block's input
+            "dots": tokens * 9 * c * act_bytes}[mcfg.remat]  # the weight matmuls' outputs: qkv, projections, MLP
+    activations = mcfg.n_layer * kept + (per_layer if mcfg.remat != "none" else 0) + logits
     return {"params": n, "state": state, "activations": activations, "total": state + activations}

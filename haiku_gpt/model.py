@@ -42,10 +42,23 @@ class GPTConfig:
     bias: bool = False
     attention_impl: str = "reference"
     check_attention: bool = False
+    remat: str = "none"  # REMAT_POLICIES: what the backward pass recomputes instead of storing
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+# --config.remat: which of a block's activations the backward pass keeps (the rest it recomputes
+# from the block's input): none -> all of them; block -> only the block's input (jax.checkpoint of
+# the whole block); dots -> the outputs of its weight matmuls (qkv, the projections, the MLP: dots
+# without batch dimensions), recomputing attention ([B, H, T, T] scores, softmax, dropout), the
+# layer norms and the GELU.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class KVCache(NamedTuple):
@@ -187,7 +200,13 @@ class GPT(hk.Module):
         x = _dropout(x, cfg.dropout, is_training).reshape(batch_size * seq, cfg.n_embd)
 
         for i in range(cfg.n_layer):  # unrolled: faster than hk.layer_stack on CPU
-            x, cache = Block(cfg, name=f"h_{i}")(x, batch_size, is_training, cache, i, positions)
+            block = Block(cfg, name=f"h_{i}")
+            if cfg.remat == "none" or cache is not None:  # decoding has no backward pass
+                x, cache = block(x, batch_size, is_training, cache, i, positions)
+            else:
+                remat_block = hk.remat(lambda h, p, block=block, i=i: block(h, batch_size, is_training, None, i, p)[0],
+                                       policy=REMAT_POLICIES[cfg.remat])
+                x = remat_block(x, positions)
         x = _layer_norm(cfg.bias, "ln_f")(x)
         # Tied lm_head: logits against the token embedding, accumulated in float32.
         logits = jnp.dot(x, wte.embeddings.T.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -70,12 +70,31 @@ def test_wsd_and_constant_schedules():
     ("profile_steps", "5", "must be START,STOP with 0 <= START < STOP"),
     ("profile_steps", "10,5", "must be START,STOP with 0 <= START < STOP"),
     ("profile_steps", "a,b", "must be START,STOP with 0 <= START < STOP"),
+    ("remat", "full", "is not one of none, block, dots"),
 ])
 def test_bad_schedule_and_profile_fields_are_refused(field, value, message):
     c = shakespeare_char.get_config()
     c[field] = value
     with pytest.raises(UserError, match=re.escape(message)):
         validate(c)
+
+
+def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
+    """--config.remat=block|dots: the train step recomputes activations (a remat in its jaxpr) and
+    its losses, dropout included, are bit for bit those without."""
+    tiny_config.dropout = 0.1
+    losses, remats = {}, {}
+    for remat in ("none", "block", "dots"):
+        tiny_config.remat = remat
+        exp = setup(tiny_config, lambda message: None)
+        state = exp.steps.init(tiny_config.seed)
+        x, y = train_batches(exp.dataset.splits["train"], tiny_config.seed, 0, 3, (1, tiny_config.batch_size),
+                             tiny_config.block_size)
+        remats[remat] = str(jax.make_jaxpr(exp.steps.train_steps)(state, x, y)).count("remat")
+        losses[remat] = np.asarray(exp.steps.train_steps(state, x, y)[1]["loss"])
+    assert remats["none"] == 0 and remats["block"] >= tiny_config.n_layer and remats["dots"] >= tiny_config.n_layer
+    np.testing.assert_array_equal(losses["block"], losses["none"])
+    np.testing.assert_array_equal(losses["dots"], losses["none"])
 
 
 def test_weight_decay_only_on_matrices():
