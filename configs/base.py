@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.beta1 = 0.9
     c.beta2 = 0.95
     c.grad_clip = 1.0  # 0 disables clipping
+    c.skip_spikes = False  # skip an update whose loss or grad norm is > spike_z std devs above the recent mean
+    c.spike_window = 128  # accepted steps the mean and std are taken over (llm.c's OutlierDetector window)
+    c.spike_z = 5.0
     # learning-rate schedule
     c.decay_lr = True  # False: learning_rate at every step
     c.lr_schedule = "cosine"  # 'cosine' (nanoGPT's) | 'wsd' (warmup-stable-decay) | 'constant' (after warmup)

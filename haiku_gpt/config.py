@@ -112,6 +112,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad("--config.wandb_log=True needs the wandb package, which is not installed: `pip install wandb` (or "
             "`pip install -e '.[wandb]'`), or drop --config.wandb_log; WANDB_MODE=offline logs without a network.")
     profile_window(config.profile_steps)
+    if config.skip_spikes and (config.spike_window < 2 or config.spike_z <= 0):
+        bad(f"--config.skip_spikes needs --config.spike_window >= 2 (now {config.spike_window}) and --config.spike_z "
+            f"> 0 (now {config.spike_z}): the z-score of a step's loss and gradient norm over that many recent steps.")
     if config.remat not in REMAT_POLICIES:
         bad(f"--config.remat={config.remat!r} is not one of {', '.join(REMAT_POLICIES)}: 'block' recomputes each "
             "transformer block in the backward pass, 'dots' keeps only its matmul outputs.")

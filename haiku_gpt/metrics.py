@@ -161,7 +161,8 @@ class StepLog:
         for i in range(call.k):
             self._check_finite(float(losses[i]), call.first + i)
             self.last_loss = float(losses[i])
-            if (call.first + i) % self.config.log_interval == 0:
+            skipped = "skipped" in metrics and bool(metrics["skipped"][i])
+            if (call.first + i) % self.config.log_interval == 0 or skipped:  # a skipped update is always logged
                 self._log(call.first + i, {name: float(values[i]) for name, values in metrics.items()}, dt)
 
     def _check_finite(self, loss: float, step: int) -> None:
@@ -180,9 +181,11 @@ class StepLog:
         record = {"step": step, **values, "dt_ms": dt * 1e3, "tokens_per_sec": self.tokens_per_step / dt,
                   "mfu": utilisation}
         self.writer.write(record)
+        skipped = (f"; update skipped: the loss or gradient norm was a spike ({values['skipped_total']:.0f} "
+                   f"skipped so far)") if values.get("skipped") else ""
         self.emit(f"iter {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, grad norm "
                   f"{values['grad_norm']:.3f}, time {dt * 1e3:.2f}ms, {record['tokens_per_sec']:,.0f} tok/s, "
-                  f"mfu {utilisation * 100:.2f}%")
+                  f"mfu {utilisation * 100:.2f}%{skipped}")
 
     def summary(self) -> dict:
         out = {} if self.first_call_seconds is None else {"first_call_seconds": self.first_call_seconds}

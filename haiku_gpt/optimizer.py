@@ -4,6 +4,7 @@ matrices, global-norm clipping."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +52,55 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """update(grads, state, params, loss=...): the step's loss feeds the spike detector (skip_spikes)."""
     adamw = optax.adamw(lr_schedule(config), b1=config.beta1, b2=config.beta2, eps=1e-8,
                         weight_decay=config.weight_decay, mask=decay_mask)
     if config.grad_clip > 0.0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+        adamw = optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    if config.skip_spikes:
+        return skip_spikes(adamw, config.spike_window, config.spike_z)
+    return optax.with_extra_args_support(adamw)
+
+
+class SpikeState(NamedTuple):
+    inner: optax.OptState  # the wrapped optimizer's state: untouched by a skipped step
+    losses: jax.Array  # [window] the losses of the latest accepted steps (a ring buffer)
+    grad_norms: jax.Array  # [window] their gradients' global norms, before clipping
+    accepted: jax.Array  # steps accepted so far (the ring's write position)
+    skipped: jax.Array  # steps skipped so far
+
+
+def skip_spikes(inner: optax.GradientTransformation, window: int, z: float) -> optax.GradientTransformationExtraArgs:
+    """Skip an update whose loss or gradient norm (before clipping) is an outlier, as llm.c's
+    OutlierDetector, MaxText and levanter do: more than `z` standard deviations above the mean of the
+    latest `window` accepted steps, once that many have been seen. A skipped step's update is zero and
+    the wrapped optimizer's state stays as it was; only the skip counter moves. The window lives in
+    the optimizer state, so checkpoints carry it and a resumed run skips exactly as an uninterrupted one.
+    """
+
+    def init(params) -> SpikeState:
+        zeros = jnp.zeros((window,), jnp.float32)
+        return SpikeState(inner.init(params), zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def is_outlier(value, history, ready):
+        mean, std = jnp.mean(history), jnp.std(history)
+        return ready & (value > mean + z * jnp.maximum(std, 1e-12))
+
+    def update(grads, state: SpikeState, params=None, *, loss, **extra):
+        grad_norm = optax.tree.norm(grads)
+        ready = state.accepted >= window
+        spike = is_outlier(loss, state.losses, ready) | is_outlier(grad_norm, state.grad_norms, ready)
+        updates, new_inner = inner.update(grads, state.inner, params)
+        keep = lambda old, new: jnp.where(spike, old, new)  # noqa: E731
+        slot = state.accepted % window
+        new_state = SpikeState(
+            inner=jax.tree.map(keep, state.inner, new_inner),
+            losses=keep(state.losses, state.losses.at[slot].set(loss)),
+            grad_norms=keep(state.grad_norms, state.grad_norms.at[slot].set(grad_norm)),
+            accepted=state.accepted + jnp.where(spike, 0, 1),
+            skipped=state.skipped + jnp.where(spike, 1, 0))
+        return jax.tree.map(lambda u: jnp.where(spike, jnp.zeros_like(u), u), updates), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+

@@ -4,20 +4,23 @@ import json
 import math
 import os
 import re
+import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import shakespeare_char
-from haiku_gpt import checkpoint, train
+from haiku_gpt import checkpoint, modes, train
 from haiku_gpt.config import validate
 from haiku_gpt.data import batch_rng, open_dataset, sample_batch, train_batches
 from haiku_gpt.experiment import setup
 from haiku_gpt.steps import make_steps
 from haiku_gpt.errors import UserError
-from haiku_gpt.optimizer import decay_mask, lr_schedule
+from haiku_gpt.optimizer import decay_mask, lr_schedule, skip_spikes
 
 
 def nanogpt_get_lr(it, c):
@@ -95,6 +98,57 @@ def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
     assert remats["none"] == 0 and remats["block"] >= tiny_config.n_layer and remats["dots"] >= tiny_config.n_layer
     np.testing.assert_array_equal(losses["block"], losses["none"])
     np.testing.assert_array_equal(losses["dots"], losses["none"])
+
+
+def test_skip_spikes_skips_an_outlier_and_leaves_the_optimizer_state():
+    """A loss or gradient-norm outlier (z-score over the window of accepted steps) gets a zero update,
+    the wrapped optimizer's state and the window stay as they were, and the skip is counted."""
+    opt = skip_spikes(optax.adam(0.1), window=4, z=3.0)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    for i, loss in enumerate([1.0, 1.1, 0.9, 1.05]):  # fills the window; no skipping before that
+        updates, state = opt.update({"w": jnp.full(3, 0.1 + 0.01 * i)}, state, params, loss=jnp.float32(loss))
+        assert float(jnp.abs(updates["w"]).sum()) > 0
+    for grads, loss in [({"w": jnp.full(3, 0.11)}, 10.0),  # a loss spike
+                        ({"w": jnp.full(3, 5.0)}, 1.0)]:  # a gradient-norm spike
+        before = state
+        updates, state = opt.update(grads, state, params, loss=jnp.float32(loss))
+        assert float(jnp.abs(updates["w"]).sum()) == 0.0
+        chex.assert_trees_all_equal(state.inner, before.inner)
+        chex.assert_trees_all_equal((state.losses, state.grad_norms, state.accepted),
+                                    (before.losses, before.grad_norms, before.accepted))
+        assert int(state.skipped) == int(before.skipped) + 1
+    updates, state = opt.update({"w": jnp.full(3, 0.1)}, state, params, loss=jnp.float32(1.0))  # ordinary again
+    assert float(jnp.abs(updates["w"]).sum()) > 0 and int(state.accepted) == 5 and int(state.skipped) == 2
+
+
+def test_skipped_steps_are_logged_leave_the_parameters_and_resume_exactly(tiny_config, tmp_path):
+    """A run with skip_spikes (a small window and z, so that some steps are skipped): each skip is a
+    logged record and line; a skipped step leaves the parameters as they were (the same parameter
+    norm, a zero update); a run resumed from the step-6 checkpoint skips and loses exactly as the
+    uninterrupted one."""
+    tiny_config.update(max_iters=12, eval_interval=6, log_interval=4, always_save_checkpoint=True,
+                       skip_spikes=True, spike_window=3, spike_z=1.0)
+    assert modes.run("train", tiny_config) == 0
+    records = [json.loads(x) for x in open(os.path.join(tiny_config.out_dir, "metrics.jsonl"))]
+    logs = {r["step"]: r for r in records if "loss" in r}
+    skipped = sorted(s for s, r in logs.items() if r["skipped"])
+    assert any(s < 6 for s in skipped) and any(s >= 6 for s in skipped), logs
+    assert any(s % 4 for s in skipped)  # logged although not a log_interval step
+    compared = [s for s in skipped if s - 1 in logs]
+    assert compared, logs
+    for s in compared:  # the parameters after a skipped step are the ones before it
+        assert logs[s]["param_norm"] == logs[s - 1]["param_norm"] and logs[s]["update_norm"] == 0.0
+    assert [logs[s]["skipped_total"] for s in skipped] == list(range(1, len(skipped) + 1))
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000006"),
+                    resumed / "checkpoints" / "step_00000006")
+    tiny_config.update(out_dir=str(resumed), init_from="resume")
+    assert modes.run("train", tiny_config) == 0
+    again = {r["step"]: r for r in map(json.loads, open(resumed / "metrics.jsonl")) if "loss" in r}
+    for s in again:
+        assert (again[s]["loss"], again[s]["skipped"]) == (logs[s]["loss"], logs[s]["skipped"]), s
 
 
 def test_weight_decay_only_on_matrices():
