@@ -26,7 +26,7 @@ class MetricsWriter:
     def __init__(self, out_dir: str, enabled: bool = True, sinks: tuple = ()):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.enabled = enabled
-        self.sinks = sinks if enabled else ()
+        self.sinks = sinks
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -204,9 +204,8 @@ class GPT(hk.Module):
             if cfg.remat == "none" or cache is not None:  # decoding has no backward pass
                 x, cache = block(x, batch_size, is_training, cache, i, positions)
             else:
-                remat_block = hk.remat(lambda h, p, block=block, i=i: block(h, batch_size, is_training, None, i, p)[0],
-                                       policy=REMAT_POLICIES[cfg.remat])
-                x = remat_block(x, positions)
+                x = hk.remat(lambda h, p: block(h, batch_size, is_training, None, i, p)[0],
+                             policy=REMAT_POLICIES[cfg.remat])(x, positions)
         x = _layer_norm(cfg.bias, "ln_f")(x)
         # Tied lm_head: logits against the token embedding, accumulated in float32.
         logits = jnp.dot(x, wte.embeddings.T.astype(x.dtype), preferred_element_type=jnp.float32)

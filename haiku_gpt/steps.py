@@ -149,10 +149,9 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
         loss, grads = accumulated_grads(loss_fn, state.params, step_rng, *batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, loss=loss)
         params = optax.apply_updates(state.params, updates)
-        spikes = {}
-        if config.skip_spikes:  # a skipped step leaves the parameters as they were, bit for bit
+        spikes = {}  # skip_spikes: a skipped step's update is zero (optimizer.skip_spikes); log it
+        if config.skip_spikes:
             spiked = opt_state.skipped > state.opt_state.skipped
-            params = jax.tree.map(lambda old, new: jnp.where(spiked, old, new), state.params, params)
             spikes = {"skipped": spiked.astype(jnp.int32), "skipped_total": opt_state.skipped}
         new_state = TrainingState(params, opt_state, state.step + 1, rng)
         if parallel is not None:  # keep the scan's carry laid out as the state (fsdp: sharded)
