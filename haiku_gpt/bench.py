@@ -4,6 +4,7 @@
   python -m haiku_gpt.bench --config=configs/shakespeare_char.py --what=sample
   python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=attention [--plot]
   python -m haiku_gpt.bench --what=kernels [--targets=h100,tpu-v5e] (compile matrix; needs the aot extra)
+  python -m haiku_gpt.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=checkpoint
 
 Each prints a table and writes JSON (--json_out, default bench-results/<what>.json).
 Times are medians after warm-up; compilation is reported separately. This is a
@@ -35,7 +36,7 @@ from haiku_gpt.steps import make_steps  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
-_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels"],
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels", "checkpoint"],
                           "What to benchmark.")
 _TARGETS = flags.DEFINE_list("targets", ["a100", "h100", "tpu-v4:1x1x1", "tpu-v5e:1x1", "tpu-v5p:1x1x1",
                                          "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.targets).")
@@ -55,7 +56,8 @@ _MAX_PALLAS_SEQ = flags.DEFINE_integer("max_interpret_seq", 1024,
 _PLOT = flags.DEFINE_bool("plot", False, "attention: also write a PNG of the table (needs matplotlib).")
 _JSON = flags.DEFINE_string("json_out", None, "Where to write the JSON results.")
 _NANOGPT = flags.DEFINE_string("nanogpt_dir", None, "nanogpt: a local checkout of karpathy/nanoGPT.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "nanogpt: interleaved rounds of (haiku_gpt, nanoGPT, nanoGPT+allocator).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "nanogpt: interleaved rounds of (haiku_gpt, nanoGPT, nanoGPT+allocator); "
+                               "checkpoint: interleaved rounds of (npz, orbax).")
 
 # glibc settings equivalent to haiku_gpt.system.tune_allocator, for the "same allocator tuning" baseline.
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
@@ -93,6 +95,37 @@ def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
     return {"config": config.config_name, "steps_per_call": k, "ms_per_iter": dt * 1e3,
             "tokens_per_sec": tokens / dt, "mfu": costs.mfu(flops, dt, peak), "peak_gflops": peak / 1e9,
             "first_call_s": compile_s, "n_params": n_params}
+
+
+def bench_checkpoint(config, vocab: int, rounds: int, out_dir: str) -> dict:
+    """How long a checkpoint save blocks the training loop: the format before orbax (gather, npz, sha256,
+    fsync: all before the loop goes on) against orbax's asynchronous save (the loop waits for the arrays
+    to be copied off the device; the files are written in the background). Interleaved rounds."""
+    import shutil  # noqa: PLC0415
+
+    from haiku_gpt import checkpoint, checkpoint_npz  # noqa: PLC0415
+
+    steps = make_steps(config, vocab)
+    state = jax.block_until_ready(steps.init(config.seed))
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    meta = {"config": config.config_name}
+    times = {"npz_blocking_s": [], "orbax_blocking_s": [], "orbax_written_s": []}
+    checkpoint.fingerprint(state).block_until_ready()  # compiled once, outside the timings
+    for r in range(rounds):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        checkpoint_npz.write(os.path.join(out_dir, "npz", f"step_{r:08d}"), state, meta)
+        times["npz_blocking_s"].append(time.perf_counter() - t0)
+        with checkpoint.Checkpoints(os.path.join(out_dir, "orbax")) as checkpoints:
+            t0 = time.perf_counter()
+            checkpoints.save(r, state, meta, val_loss=None)
+            times["orbax_blocking_s"].append(time.perf_counter() - t0)
+            checkpoints.manager.wait_until_finished()
+            times["orbax_written_s"].append(time.perf_counter() - t0)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    return {"config": config.config_name, "state_gb": state_bytes / 1e9, "rounds": rounds, **result,
+            "blocking_ratio": result["npz_blocking_s"] / result["orbax_blocking_s"], "all": times}
 
 
 def _nanogpt_generate_tokens_per_sec(nanogpt_dir: str, config, vocab: int, prompt_len: int, n: int) -> float:
@@ -362,6 +395,12 @@ def main(argv):
               f"{med['nanogpt_allocator_tuned']:.2f} ({result['speedup_vs_nanogpt_allocator_tuned']:.2f}x)")
     elif what == "kernels":
         result = bench_kernels()
+    elif what == "checkpoint":
+        result = bench_checkpoint(config, _VOCAB.value, _ROUNDS.value, os.path.join("bench-results", "checkpoints"))
+        print(f"checkpoint of {result['config']} ({result['state_gb']:.2f} GB of state), median of "
+              f"{result['rounds']}: the loop waits {result['npz_blocking_s']:.2f} s (npz, before orbax) vs "
+              f"{result['orbax_blocking_s']:.2f} s (orbax, async; {result['blocking_ratio']:.0f}x less), "
+              f"orbax's files complete after {result['orbax_written_s']:.2f} s")
     else:
         result = bench_attention(config, [int(s) for s in _SEQS.value], _IMPLS.value, _ITERS.value,
                                  _MAX_PALLAS_SEQ.value)

@@ -1,39 +1,62 @@
-"""Crash-safe checkpoints: one directory per step, written aside and renamed into place.
+"""Checkpoints with orbax-checkpoint: saved asynchronously, one set of shards per process, verified on load.
 
-Layout: `out_dir/checkpoints/step_00001000/{state.npz, meta.json}`. A checkpoint
-is written to a hidden temporary directory, fsynced, then renamed: a crash at
-any moment (even `kill -9` mid-write) leaves at most a stray temporary
-directory (ignored, and removed by the next save), never a half-written
-checkpoint under a real name. `meta.json`
-holds a sha256 of `state.npz`, so a file damaged later is detected and the
-loader falls back to the previous checkpoint. The newest `keep` checkpoints are
-kept, plus the one with the best validation loss.
+Layout: `out_dir/checkpoints/step_00001000/`
+    state/          the TrainingState (params, optimizer state, step, rng): orbax's StandardSave, an OCDBT
+                    store in which every process writes the shards its devices hold (no gather)
+    meta/metadata   JSON: the run (`run_meta`: model shape, vocabulary, config), best and current val
+                    loss, and a fingerprint of every array of the state
+    _CHECKPOINT_METADATA, commit_success.txt   orbax's (with val_loss, which retention reads)
 
-Why not orbax: this format is two plain files anyone can open with numpy and
-json, restores bit for bit, and needs no extra dependency; the training state
-of a model this size is gathered on one host anyway.
+`Checkpoints` is an orbax `CheckpointManager`:
+- `save` returns once the arrays are copied off the devices; the files are written by a background
+  thread while training goes on (the next save, or `close`, waits for the write to finish).
+- A save is written to `step_N.orbax-checkpoint-tmp-*` and renamed when complete (orbax's atomic
+  finalize): a crash at any moment, even `kill -9` mid-write, leaves at most such a temporary
+  directory, which the next run removes, never a half-written checkpoint under a real name.
+- Retention: the newest `keep` checkpoints, plus the one with the best val loss (orbax's LatestN
+  and BestN preservation policies).
+- Restoring reads each process's shards straight into the layout this run asks for (`target`'s
+  shardings), so a checkpoint moves between device counts and between fsdp and replication.
+
+Damage: orbax reads a flipped byte in a data file back without complaint, so the meta records a
+fingerprint of each array (`fingerprint`: a position-weighted sum of its bits modulo 2**32, computed
+on the devices before the save). Restore recomputes it: a checkpoint that does not read back, or
+reads back different, is reported and the previous one is used.
+
+Checkpoints written before orbax (`state.npz` + `meta.json`, checkpoint_npz.py) are converted the
+first time a run loads them: each is renamed to `step_N.npz` (out of orbax's sight), saved anew as an
+orbax checkpoint, and removed once that save is complete, so a crash during the conversion loses
+nothing. No format here uses pickle.
 """
 
 from __future__ import annotations
 
-import hashlib
+import gc
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from haiku_gpt import checkpoint_npz, distributed
 from haiku_gpt.config import MODEL_FIELDS
 from haiku_gpt.errors import UserError
 from haiku_gpt.system import fsync_dir
+from haiku_gpt.tokenizer import one_line
 
-_PREFIX = "step_"
-_NAME = re.compile(r"step_\d{8,}")  # step_00001000; not .tmp-step_* or step_*.old-PID leftovers
-_LEFTOVER = re.compile(r"(?:\.tmp-step_\d+|step_\d+\.old)-(\d+)")  # from a writer that died mid-save
+Damaged = checkpoint_npz.Damaged  # a checkpoint that cannot be used; the message says why
+
+_PREFIX = "step"
+_DIGITS = 8
+_NAME = re.compile(r"step_(\d{8,})")  # step_00001000; not step_*.orbax-checkpoint-tmp-* or step_*.npz
+_CONVERTING = re.compile(r"step_(\d{8,})\.npz")  # an old-format checkpoint being converted
+_META_ITEM, _STATE_ITEM = "meta", "state"
 
 
 def ensure_writable(out_dir: str) -> None:
@@ -49,138 +72,189 @@ def ensure_writable(out_dir: str) -> None:
 
 
 def _checkpoint_root(out_dir: str) -> str:
-    return os.path.join(out_dir, "checkpoints")
+    return os.path.join(os.path.abspath(out_dir), "checkpoints")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _step_dirs(root: str, pattern: re.Pattern) -> dict[int, str]:
+    if not os.path.isdir(root):
+        return {}
+    found = (pattern.fullmatch(n) for n in os.listdir(root))
+    return {int(m.group(1)): os.path.join(root, m.group(0)) for m in found if m}
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
-    """Checkpoint directories, oldest first (temporary directories are ignored)."""
-    root = _checkpoint_root(out_dir)
-    if not os.path.isdir(root):
-        return []
-    names = sorted((n for n in os.listdir(root) if _NAME.fullmatch(n)), key=lambda n: int(n[len(_PREFIX):]))
-    return [os.path.join(root, n) for n in names]
+    """Checkpoint directories, oldest first (orbax's temporary directories are ignored)."""
+    dirs = _step_dirs(_checkpoint_root(out_dir), _NAME)
+    return [dirs[s] for s in sorted(dirs)]
 
 
-def _pid_alive(pid: int) -> bool:
+def read_meta(path: str) -> dict | None:
+    """The meta of the checkpoint directory `path` (either format), or None where it is unreadable."""
+    if checkpoint_npz.is_npz_checkpoint(path):
+        return checkpoint_npz.read_meta(path)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. EPERM: it exists
-        return True
-    return True
-
-
-def _remove_leftovers(root: str) -> None:
-    """Temporary directories of writers that died mid-save (kill -9, power loss): never a checkpoint."""
-    for name in os.listdir(root):
-        m = _LEFTOVER.fullmatch(name)
-        if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def save(out_dir: str, step: int, state, meta: dict, keep: int) -> str:
-    """Write `state` (any pytree of arrays) and `meta` (JSON-able) as the checkpoint of `step`."""
-    root = _checkpoint_root(out_dir)
-    os.makedirs(root, exist_ok=True)
-    _remove_leftovers(root)
-    final = os.path.join(root, f"{_PREFIX}{step:08d}")
-    tmp = os.path.join(root, f".tmp-{_PREFIX}{step:08d}-{os.getpid()}")
-    os.makedirs(tmp)
-    leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
-    state_file = os.path.join(tmp, "state.npz")
-    with open(state_file, "wb") as f:
-        np.savez(f, *leaves)
-        f.flush()
-        os.fsync(f.fileno())
-    meta = dict(meta, step=step, num_leaves=len(leaves), sha256=_sha256(state_file))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(final):  # re-saving a step (e.g. after resume): move the old one aside first
-        old = final + f".old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    fsync_dir(root)
-    _prune(out_dir, keep)
-    return final
-
-
-def _read_meta(path: str) -> dict | None:
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
+        with open(os.path.join(path, _META_ITEM, "metadata")) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
 
 
-def _prune(out_dir: str, keep: int) -> None:
-    paths = list_checkpoints(out_dir)
-    metas = {p: _read_meta(p) for p in paths}
-    scored = [(m["val_loss"], p) for p, m in metas.items() if m and m.get("val_loss") is not None]
-    best = min(scored)[1] if scored else None
-    for path in paths[:-keep]:
-        if path != best:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def load_latest(out_dir: str, template, warn=print):
-    """(state, meta) of the newest intact checkpoint; damaged ones are reported and skipped.
-
-    `template` is a pytree with the expected structure (e.g. from `jax.eval_shape`);
-    the loaded leaves must match its shapes and dtypes.
-    """
-    paths = list_checkpoints(out_dir)
-    if not paths:
-        raise UserError(
-            f"no checkpoint found in {_checkpoint_root(out_dir)}: train first (`python launch.py "
-            f"--config=...`), or point --config.out_dir at the directory of an earlier run.")
-    expected = jax.tree.leaves(template)
-    treedef = jax.tree.structure(template)
-    problems = []
-    for path in reversed(paths):
-        meta = _read_meta(path)
-        state_file = os.path.join(path, "state.npz")
-        if meta is None or not os.path.exists(state_file):
-            problems.append(f"{path}: meta.json or state.npz missing or unreadable")
-        elif _sha256(state_file) != meta.get("sha256"):
-            problems.append(f"{path}: state.npz is corrupted (checksum mismatch)")
-        else:
-            try:
-                with np.load(state_file) as z:
-                    leaves = [z[f"arr_{i}"] for i in range(meta["num_leaves"])]
-            except (OSError, ValueError, KeyError) as e:
-                problems.append(f"{path}: cannot be read ({e})")
-                continue
-            if len(leaves) == len(expected) and all(
-                    a.shape == b.shape and a.dtype == b.dtype for a, b in zip(leaves, expected)):
-                for p in problems:
-                    warn(f"warning: skipped damaged checkpoint {p}")
-                return jax.tree.unflatten(treedef, leaves), meta
-            problems.append(f"{path}: its arrays do not match this model's parameter shapes")
-    raise UserError("no usable checkpoint in " + _checkpoint_root(out_dir) + ": " + "; ".join(problems)
-                    + ". Start a new run with --config.init_from=scratch (and a fresh --config.out_dir).")
-
-
 def latest_meta(out_dir: str) -> dict | None:
-    """meta.json of the newest checkpoint (for config checks before anything is built)."""
-    for path in reversed(list_checkpoints(out_dir)):
-        meta = _read_meta(path)
+    """The meta of the newest checkpoint, either format (for config checks before anything is built)."""
+    root = _checkpoint_root(out_dir)
+    dirs = {**_step_dirs(root, _CONVERTING), **_step_dirs(root, _NAME)}
+    for step in sorted(dirs, reverse=True):
+        meta = read_meta(dirs[step])
         if meta is not None:
             return meta
     return None
+
+
+@jax.jit
+def fingerprint(state) -> jax.Array:
+    """uint32[leaves]: each array's bits, weighted by odd position numbers, summed modulo 2**32.
+
+    Any single changed element changes its sum (an odd weight is invertible modulo 2**32); the sum
+    does not depend on how the array is sharded (integer addition is associative)."""
+    def one(x):
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = (x.astype(unsigned) if x.dtype == jnp.bool_ else x.view(unsigned)).astype(jnp.uint32).ravel()
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
+        return jnp.sum(bits * weights, dtype=jnp.uint32)
+    return jnp.stack([one(x) for x in jax.tree.leaves(state)])
+
+
+def _fingerprint_list(state) -> list[int]:
+    return [int(v) for v in np.asarray(fingerprint(state))]
+
+
+class Checkpoints:
+    """out_dir's checkpoints, through an orbax CheckpointManager (see the module docstring).
+
+    Every process opens it and takes part in each save and restore; orbax writes `meta` once.
+    `keep`: the newest checkpoints a save keeps (besides the best); None keeps every one.
+    """
+
+    def __init__(self, out_dir: str, keep: int | None = None):
+        import orbax.checkpoint as ocp  # noqa: PLC0415 (heavy: imported where checkpoints are used)
+        from orbax.checkpoint import checkpoint_managers as policies  # noqa: PLC0415
+
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of a save at INFO
+        # A damaged file fails orbax's reads in asyncio tasks, each logged with a traceback when collected;
+        # restore reports each damaged checkpoint in one line instead.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        self.out_dir, self.root, self._ocp = out_dir, _checkpoint_root(out_dir), ocp
+        if distributed.is_main_process():
+            _set_aside_npz_checkpoints(self.root)
+        distributed.barrier("npz checkpoints set aside")
+        keep_best = policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                                   keep_checkpoints_without_metrics=False)  # reverse: keep the lowest
+        options = ocp.CheckpointManagerOptions(
+            step_prefix=_PREFIX, step_format_fixed_length=_DIGITS, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=True,
+            preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), keep_best]))
+        self.manager = ocp.CheckpointManager(self.root, item_names=(_STATE_ITEM, _META_ITEM), options=options)
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the write in flight, then release the manager."""
+        self.manager.close()
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"{_PREFIX}_{step:0{_DIGITS}d}")
+
+    def save(self, step: int, state, meta: dict, val_loss: float | None = None) -> str:
+        """Start saving `state` (laid out on the devices) as the checkpoint of `step`; returns its path.
+
+        Blocks until the previous save is written and this one's arrays are copied off the devices."""
+        ocp = self._ocp
+        meta = dict(meta, step=step, val_loss=val_loss, fingerprint=_fingerprint_list(state))
+        self.manager.wait_until_finished()
+        if step in self.manager.all_steps():  # re-saving a step (after resuming before it)
+            self.manager.delete(step)
+        self.manager.save(step, force=True, metrics=None if val_loss is None else {"val_loss": val_loss},
+                          args=ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardSave(state),
+                                                     _META_ITEM: ocp.args.JsonSave(meta)}))
+        return self.path(step)
+
+    def restore(self, target, warn=print):
+        """(state, meta) of the newest intact checkpoint, laid out as `target` (ShapeDtypeStructs with
+        shardings) asks; damaged ones are reported and skipped."""
+        self._convert_npz_checkpoints(target, warn)
+        steps = sorted(self.manager.all_steps())
+        if not steps:
+            raise UserError(
+                f"no checkpoint found in {self.root}: train first (`python launch.py --config=...`), or "
+                "point --config.out_dir at the directory of an earlier run.")
+        problems = []
+        for step in reversed(steps):
+            try:
+                state, meta = self.read(step, target)
+            except Damaged as e:
+                problems.append(f"{self.path(step)}: {e}")
+                continue
+            for p in problems:
+                warn(f"warning: skipped damaged checkpoint {p}")
+            return state, meta
+        raise UserError(f"no usable checkpoint in {self.root}: " + "; ".join(problems)
+                        + ". Start a new run with --config.init_from=scratch (and a fresh --config.out_dir).")
+
+    def read(self, step: int, target):
+        """(state, meta) of the checkpoint of `step`, laid out as `target`; raises Damaged."""
+        ocp = self._ocp
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                _STATE_ITEM: ocp.args.StandardRestore(target), _META_ITEM: ocp.args.JsonRestore()}))
+        except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types for unreadable files)
+            while e.__cause__ is not None or e.__context__ is not None:  # the first failure says what is wrong
+                e = e.__cause__ or e.__context__
+            _collect_quietly()
+            raise Damaged(f"cannot be read ({one_line(e, 240)})") from None
+        state, meta = restored[_STATE_ITEM], restored[_META_ITEM]
+        if not isinstance(meta, dict) or _fingerprint_list(state) != meta.get("fingerprint"):
+            raise Damaged("its arrays differ from the fingerprint saved with them (corrupted)")
+        return state, meta
+
+    def _convert_npz_checkpoints(self, target, warn) -> None:
+        """Save each checkpoint of the format before orbax anew as an orbax checkpoint (see the docstring)."""
+        for step, path in sorted(_step_dirs(self.root, _CONVERTING).items()):
+            try:
+                state, meta = checkpoint_npz.read(path, target)
+            except Damaged as e:
+                warn(f"warning: cannot convert the checkpoint {path} (saved before orbax): {e}; it is left as it is")
+                continue
+            state = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), state, target)
+            self.save(step, state, meta, meta.get("val_loss"))
+            self.manager.wait_until_finished()
+            distributed.barrier("npz checkpoint converted")
+            if distributed.is_main_process():
+                shutil.rmtree(path)
+            warn(f"converted the checkpoint {path} (saved before orbax) into {self.path(step)}")
+
+
+def _collect_quietly() -> None:
+    """Collect the reads orbax abandoned after the first failure now, without a traceback for each."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _set_aside_npz_checkpoints(root: str) -> None:
+    """Rename old-format step_N directories to step_N.npz, where orbax does not look (one rename each)."""
+    renamed = False
+    for step, path in _step_dirs(root, _NAME).items():
+        if checkpoint_npz.is_npz_checkpoint(path):
+            os.rename(path, path + ".npz")
+            renamed = True
+    if renamed:
+        fsync_dir(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +287,16 @@ def check_compatible(meta: dict, expected: dict, out_dir: str) -> None:
             "start a new run in another --config.out_dir.")
 
 
-def restore(out_dir: str, template, expected: dict, warn=print):
-    """(state, meta) of out_dir's newest intact checkpoint, checked against this run (`expected`: run_meta)."""
+def restore(out_dir: str, target, expected: dict, warn=print):
+    """(state, meta) of out_dir's newest intact checkpoint, checked against this run (`expected`: run_meta),
+    its arrays laid out as `target` (ShapeDtypeStructs with shardings) asks."""
+    root = _checkpoint_root(out_dir)
+    if not (_step_dirs(root, _NAME) or _step_dirs(root, _CONVERTING)):
+        raise UserError(
+            f"no checkpoint found in {root}: train first (`python launch.py --config=...`), or point "
+            "--config.out_dir at the directory of an earlier run.")
     meta = latest_meta(out_dir)
     if meta is not None:
         check_compatible(meta, expected, out_dir)
-    state, meta = load_latest(out_dir, template, warn=warn)
-    return jax.tree.map(jnp.asarray, state), meta
+    with Checkpoints(out_dir) as checkpoints:
+        return checkpoints.restore(target, warn)

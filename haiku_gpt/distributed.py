@@ -17,9 +17,9 @@ offsets (a few hundred integers) and gathers the token windows of its own rows
 only. So the data of a step, and therefore the losses, do not depend on the
 number of processes or devices: a run on 2 hosts x 4 devices sees the batches
 of a one-device run with the same `batch_size`, and a checkpoint moves freely
-between device counts (it holds full arrays; `put` lays them out on the mesh).
-Only process 0 logs, writes metrics and checkpoints; all processes take part in
-gathering the state for a checkpoint.
+between device counts (orbax reads each array into the layout the new run asks
+for). Only process 0 logs and writes metrics; every process writes the shards
+of the state its own devices hold into each checkpoint (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def is_main_process() -> bool:
-    """Process 0 logs, writes metrics and checkpoints, and prints samples."""
+    """Process 0 logs, writes metrics (every process writes its own shards of a checkpoint), and prints samples."""
     return jax.process_index() == 0
 
 
@@ -108,18 +108,6 @@ def any_process(flag: bool) -> bool:
         return bool(flag)
     from jax.experimental import multihost_utils  # noqa: PLC0415
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
-def to_host(tree):
-    """Full numpy arrays of `tree` on every process (a collective when arrays span processes).
-
-    With one process the tree is returned as it is: `jax.device_get` (as checkpoint.save does) fetches
-    sharded arrays whole.
-    """
-    if jax.process_count() == 1:
-        return tree
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def barrier(name: str) -> None:
@@ -255,4 +243,4 @@ def make_data_parallel(config, mesh: jax.sharding.Mesh | None = None) -> DataPar
 
 
 __all__ = ["DATA_AXIS", "DataParallel", "any_process", "barrier", "cluster_environment", "initialize",
-           "is_main_process", "make_data_parallel", "to_host"]
+           "is_main_process", "make_data_parallel"]

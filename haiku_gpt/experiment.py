@@ -56,7 +56,7 @@ class Experiment:
 
     def restore(self) -> tuple[TrainingState, dict]:
         """out_dir's newest intact checkpoint, checked against this run's model and vocabulary."""
-        return checkpoint.restore(self.config.out_dir, self.steps.abstract_state(), self.run_meta(), self.log)
+        return checkpoint.restore(self.config.out_dir, self.steps.restore_target(), self.run_meta(), self.log)
 
     def pretrained_params(self):
         """The weights of the GPT-2 checkpoint named by config.init_from, shaped for this model."""

@@ -54,6 +54,16 @@ class Steps:
         """The state's shapes and dtypes, nothing computed (a template for restoring and loading)."""
         return jax.eval_shape(self.init, self.config.seed)
 
+    def restore_target(self) -> TrainingState:
+        """`abstract_state` with the layout a restored state takes on this run's devices (checkpoint.py
+        reads each array straight into it, whatever the device count of the run that saved it)."""
+        abstract = self.abstract_state()
+        if self.parallel is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            self.state_shardings)
+
     def init_with(self, params: hk.Params) -> TrainingState:
         """A fresh state (step 0, new optimizer state, init's rng) around `params` (e.g. pretrained GPT-2)."""
         step, rng = jax.jit(lambda: tuple(self.init(self.config.seed))[2:])()  # XLA drops the unused init

@@ -1,7 +1,8 @@
 """Training, as nanoGPT's train.py: evaluate and checkpoint every eval_interval steps, log every step.
 
 Flow: Experiment (experiment.py: config, dataset, jitted steps) -> initial state (scratch, resume,
-or pretrained GPT-2) -> the loop -> metrics.jsonl, loss.png and checkpoints in out_dir.
+or pretrained GPT-2) -> the loop -> metrics.jsonl, loss.png and checkpoints (orbax, written
+asynchronously: checkpoint.py) in out_dir.
 
 The loop keeps the device busy: it dispatches call N+1 (JAX returns at once) before it reads
 call N's losses (`metrics.StepLog`), so sampling batches and logging overlap the device's work.
@@ -39,7 +40,8 @@ def train(exp: Experiment) -> dict:
                        peak, writer, emit=log if bar.disable else tqdm.write)  # log lines above a live bar
     batch_shape = (config.gradient_accumulation_steps, config.batch_size)
     step, in_flight, scan_lengths, summary = int(state.step), None, set(), {}
-    with _StopRequest() as stop, bar, writer, _Profile(config, log) as profile:
+    checkpoints = checkpoint.Checkpoints(config.out_dir, config.keep_checkpoints)
+    with _StopRequest() as stop, bar, writer, _Profile(config, log) as profile, checkpoints:
         while True:
             if step % config.eval_interval == 0 or step == config.max_iters:
                 step_log.finish(in_flight)
@@ -49,7 +51,7 @@ def train(exp: Experiment) -> dict:
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if (improved or config.always_save_checkpoint) and step > 0 and not config.eval_only:
-                    _save(exp, step, state, best_val_loss, val_loss=losses["val"])
+                    _save(exp, checkpoints, step, state, best_val_loss, val_loss=losses["val"])
                 if config.eval_only:
                     break
             if step >= config.max_iters:
@@ -71,7 +73,7 @@ def train(exp: Experiment) -> dict:
                 step_log.finish(in_flight)
                 in_flight = None
                 summary["interrupted"] = stop.signal or "a signal to another process"
-                _save(exp, step, state, best_val_loss)
+                _save(exp, checkpoints, step, state, best_val_loss)
                 log(f"stopped by {summary['interrupted']} at step {step}; resume with --config.init_from=resume")
                 break
         step_log.finish(in_flight)
@@ -117,14 +119,14 @@ def _evaluate(exp: Experiment, params, step: int, writer: MetricsWriter) -> dict
     return losses
 
 
-def _save(exp: Experiment, step: int, state: TrainingState, best_val_loss: float,
-          val_loss: float | None = None) -> None:
-    meta = exp.run_meta(best_val_loss=best_val_loss, val_loss=val_loss, pretrained_from=pretrained.origin(exp.config))
-    state = distributed.to_host(state)  # several processes: every one takes part in the gather
-    if exp.is_main:
-        path = checkpoint.save(exp.config.out_dir, step, state, meta, exp.config.keep_checkpoints)
-        exp.log(f"saved checkpoint {path}")
-    distributed.barrier("checkpoint saved")
+def _save(exp: Experiment, checkpoints: checkpoint.Checkpoints, step: int, state: TrainingState,
+          best_val_loss: float, val_loss: float | None = None) -> None:
+    """Every process saves its own shards; the files are written while training goes on."""
+    meta = exp.run_meta(best_val_loss=best_val_loss, pretrained_from=pretrained.origin(exp.config))
+    started = time.perf_counter()
+    path = checkpoints.save(step, state, meta, val_loss)
+    exp.log(f"saved checkpoint {path} (the loop waited {(time.perf_counter() - started) * 1e3:.0f} ms; "
+            "the files are written in the background)")
 
 
 def _warn_if_recompiled(train_steps, scan_lengths: set[int], step: int, log) -> None:

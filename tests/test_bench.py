@@ -25,3 +25,11 @@ def test_bench_train_sample_attention_smallest_setting():
                                       max_interpret_seq=16)
     assert {r["impl"] for r in attention["rows"]} == {"reference", "xla", "pallas"}
     assert all(finite_positive(r["fwd_bwd_ms"]) for r in attention["rows"])
+
+
+def test_bench_checkpoint_smallest_setting(tmp_path):
+    config = tiny.get_config()
+    result = bench.bench_checkpoint(config, vocab=65, rounds=1, out_dir=str(tmp_path / "ckpt"))
+    assert all(finite_positive(result[k]) for k in ("npz_blocking_s", "orbax_blocking_s", "orbax_written_s"))
+    assert result["orbax_written_s"] >= result["orbax_blocking_s"] and result["state_gb"] > 0
+    assert not (tmp_path / "ckpt").exists()

@@ -171,19 +171,25 @@ def test_four_devices_match_one_device(runs, fsdp):
     assert any(np.prod(local) < np.prod(full) for full, local in shards.values()) == fsdp
 
 
-@pytest.mark.parametrize("source,target", [("four_devices_fsdp", 1), ("one_device", 4)],
-                         ids=["4fsdp->1", "1->4"])
-def test_checkpoint_resumes_on_another_device_count(runs, source, target):
+@pytest.mark.parametrize("first,last", [(False, True), (True, False)], ids=["4->1->4fsdp", "4fsdp->1->4"])
+def test_checkpoint_resumes_on_another_device_count(runs, first, last):
+    """4 devices -> 1 -> 4, across fsdp and replication: every process wrote its own shards (orbax),
+    and each resume reads them into its own layout. The losses are those of one uninterrupted run."""
     one = runs("one_device", 1)
-    src = runs(source, 4 if source.startswith("four") else 1, *(["--config.fsdp=True"] if "fsdp" in source else []))
-    out_dir = runs.root / f"resume_{source}_on_{target}"
-    shutil.copytree(Path(src["out_dir"]) / "checkpoints" / "step_00000010", out_dir / "checkpoints" / "step_00000010")
-    resumed = runs(out_dir.name, target, "--config.init_from=resume", out_dir=out_dir)
-    assert "resuming from step 10" in resumed["stdout"]
-    assert sorted(resumed["losses"]) == list(range(10, STEPS))
-    rel = _max_rel(resumed["losses"], one["losses"], range(10, STEPS))
-    print(f"checkpoint {source} resumed on {target} device(s) vs uninterrupted: max relative difference {rel:.2e}")
+    source = runs(f"four_devices_{'fsdp' if first else 'replicated'}", 4, f"--config.fsdp={first}")
+    out_dir = runs.root / f"resume_chain_{'fsdp' if first else 'replicated'}"
+    shutil.copytree(Path(source["out_dir"]) / "checkpoints" / "step_00000010", out_dir / "checkpoints" / "step_00000010")
+    middle = runs(out_dir.name + "_1", 1, "--config.init_from=resume", "--config.max_iters=15", out_dir=out_dir)
+    last_run = runs(out_dir.name + "_4", 4, "--config.init_from=resume", f"--config.fsdp={last}", out_dir=out_dir)
+    assert "resuming from step 10" in middle["stdout"] and "resuming from step 15" in last_run["stdout"]
+    assert sorted(middle["losses"]) == list(range(10, 15)) and sorted(last_run["losses"]) == list(range(15, STEPS))
+    resumed = {**middle["losses"], **last_run["losses"]}
+    rel = _max_rel(resumed, one["losses"], range(10, STEPS))
+    print(f"checkpoint of 4 devices (fsdp={first}) -> 1 device -> 4 devices (fsdp={last}) vs uninterrupted: "
+          f"max relative difference {rel:.2e}")
     assert rel < RTOL
+    shards = last_run["shards"]  # the last run really is laid out as asked
+    assert any(np.prod(local) < np.prod(full) for full, local in shards.values()) == last
 
 
 def _free_port() -> int:

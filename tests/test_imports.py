@@ -37,7 +37,8 @@ LAYERS = [
     "haiku_gpt.data",           # the token files and batches
     "haiku_gpt.prepare",        # text -> token files
     "haiku_gpt.metrics",        # metrics.jsonl, loss.png, the step log
-    "haiku_gpt.checkpoint",     # the checkpoint format, and restoring one into a run
+    "haiku_gpt.checkpoint_npz", # the checkpoint format before orbax, read to convert it
+    "haiku_gpt.checkpoint",     # orbax checkpoints, and restoring one into a run
     "haiku_gpt.pretrained",     # GPT-2 weights from Hugging Face
     "haiku_gpt.steps",          # the jitted init / train step / eval
     "haiku_gpt.experiment",     # setup(config): what every mode starts from

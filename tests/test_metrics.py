@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from haiku_gpt import modes
+from haiku_gpt import checkpoint, modes
 from haiku_gpt.data import train_batches
 from haiku_gpt.experiment import setup
 from haiku_gpt.model import make_model
@@ -63,11 +63,9 @@ def run(data_dir, tmp_path_factory):
     return config, out_dir, records
 
 
-def params_at(out_dir: Path, step: int, template):
-    """The parameters saved at `step` (the state's leaves, in `template`'s order)."""
-    with np.load(out_dir / "checkpoints" / f"step_{step:08d}" / "state.npz") as z:
-        leaves = [z[f"arr_{i}"] for i in range(len(jax.tree.leaves(template)))]
-    return jax.tree.unflatten(jax.tree.structure(template), leaves).params
+def params_at(checkpoints: checkpoint.Checkpoints, step: int, target):
+    """The parameters saved at `step`."""
+    return checkpoints.read(step, target)[0].params
 
 
 def test_norms_are_the_gradient_before_clipping_the_update_and_the_parameters(run):
@@ -75,20 +73,21 @@ def test_norms_are_the_gradient_before_clipping_the_update_and_the_parameters(ru
     logs = {r["step"]: r for r in records if "loss" in r}
     assert sorted(logs) == list(range(STEPS))
     exp = setup(config, quiet)
-    template = exp.steps.abstract_state()
+    target = exp.steps.restore_target()
     loss_fn = make_loss_fn(make_model(exp.model_config), config.dtype)
     dataset = exp.dataset
-    for step in range(1, STEPS):
-        before, after = params_at(out_dir, step, template), params_at(out_dir, step + 1, template)
-        x, y = train_batches(dataset.splits["train"], config.seed, step, 1, (1, config.batch_size),
-                             config.block_size)
-        grads = jax.grad(loss_fn)(before, None, x[0, 0], y[0, 0], True)
-        record = logs[step]
-        assert record["grad_norm"] == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
-        assert record["grad_norm"] > config.grad_clip  # logged before clipping: clipping was active
-        update = jax.tree.map(lambda a, b: a - b, after, before)
-        assert record["update_norm"] == pytest.approx(float(optax.tree.norm(update)), rel=1e-3)
-        assert record["param_norm"] == pytest.approx(float(optax.tree.norm(after)), rel=1e-5)
+    with checkpoint.Checkpoints(str(out_dir)) as checkpoints:
+        for step in range(1, STEPS):
+            before, after = params_at(checkpoints, step, target), params_at(checkpoints, step + 1, target)
+            x, y = train_batches(dataset.splits["train"], config.seed, step, 1, (1, config.batch_size),
+                                 config.block_size)
+            grads = jax.grad(loss_fn)(before, None, x[0, 0], y[0, 0], True)
+            record = logs[step]
+            assert record["grad_norm"] == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
+            assert record["grad_norm"] > config.grad_clip  # logged before clipping: clipping was active
+            update = jax.tree.map(lambda a, b: a - b, after, before)
+            assert record["update_norm"] == pytest.approx(float(optax.tree.norm(update)), rel=1e-3)
+            assert record["param_norm"] == pytest.approx(float(optax.tree.norm(after)), rel=1e-5)
 
 
 def test_tensorboard_events_hold_what_metrics_jsonl_holds(run):

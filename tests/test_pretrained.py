@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from haiku_gpt import pretrained
+from haiku_gpt import checkpoint, pretrained
 from haiku_gpt.errors import UserError
 from haiku_gpt.evaluate import evaluate_checkpoint
 from haiku_gpt.experiment import setup
@@ -206,7 +206,7 @@ def test_finetune_lowers_the_loss_then_resume_sample_and_eval(tiny_config, ckpt,
     assert [e["step"] for e in evals] == [0, 12]
     assert evals[1]["train_loss"] < evals[0]["train_loss"] - 0.5
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
-    meta = json.loads(open(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000012", "meta.json")).read())
+    meta = checkpoint.read_meta(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000012"))
     assert meta["model"] == dict(n_layer=2, n_head=4, n_embd=64, block_size=16, bias=True, vocab_size=100)
 
     # resume with the same (tiny.py-shaped) config: the shape comes from the checkpoint's meta
@@ -215,7 +215,7 @@ def test_finetune_lowers_the_loss_then_resume_sample_and_eval(tiny_config, ckpt,
     assert train(setup(tiny_config, logs.append))["step"] == 14
     assert "resuming from step 12" in "\n".join(logs)
     # ... and again later: the resumed run's checkpoint still records where it started
-    meta = json.loads(open(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000014", "meta.json")).read())
+    meta = checkpoint.read_meta(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000014"))
     assert meta["config"]["init_from"] == "resume" and meta["pretrained_from"] == ckpt
     assert pretrained.effective_config(tiny_config, explicit=set()).n_embd == 64
 

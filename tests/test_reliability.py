@@ -20,7 +20,7 @@ import pytest
 from jaxtyping import Array, Float
 
 from configs import tiny
-from haiku_gpt import checkpoint, costs, modes, preflight, prepare
+from haiku_gpt import checkpoint, checkpoint_npz, costs, modes, preflight, prepare
 from haiku_gpt.config import model_config
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup
@@ -142,32 +142,50 @@ def _flip_bytes(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _data_file(step_dir: Path) -> Path:
+    """The largest file of a checkpoint's state: one of orbax's OCDBT data files, which hold the arrays."""
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _intact(step_dir: Path) -> bool:
+    """The checkpoint's arrays read back and match the fingerprints in its meta (read without a template,
+    the state's leaves come in another order: compared as sorted lists)."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    try:
+        state = ocp.StandardCheckpointer().restore(step_dir / "state")
+    except Exception:  # noqa: BLE001 (orbax raises several types for unreadable files)
+        return False
+    saved = checkpoint.read_meta(str(step_dir))["fingerprint"]
+    return sorted(int(v) for v in checkpoint.fingerprint(state)) == sorted(saved)
+
+
 def test_resume_skips_a_truncated_newest_checkpoint_and_leftover_temporaries(data_dir, run_copy):
     root = run_copy / "checkpoints"
     newest = root / "step_00000020"
-    _truncate(newest / "state.npz")
-    stray = root / ".tmp-step_00000025-999999"  # a writer killed mid-save (no such pid now)
-    stray.mkdir()
-    (stray / "state.npz").write_bytes(b"PK\x03\x04 half a file")
-    old = root / "step_00000015.old-999999"  # a writer killed between the two renames of a re-save
-    shutil.copytree(root / "step_00000015", old)
-    assert checkpoint_steps(run_copy) == [5, 10, 15, 20]  # neither leftover counts as a checkpoint
+    assert _intact(newest)
+    _truncate(_data_file(newest))
+    assert not _intact(newest)
+    stray = root / "step_00000025.orbax-checkpoint-tmp-1764633600000000"  # a writer killed mid-save
+    shutil.copytree(root / "step_00000015", stray)
+    _truncate(_data_file(stray))
+    assert checkpoint_steps(run_copy) == [5, 10, 15, 20]  # the temporary directory is not a checkpoint
 
     result = launch(data_dir, run_copy, *RUN, "--config.max_iters=25", "--config.init_from=resume")
     assert result.returncode == 0, result.stderr
-    assert "warning: skipped damaged checkpoint" in result.stdout and "step_00000020" in result.stdout
+    assert "warning: skipped damaged checkpoint" in result.stdout and "step_00000020: cannot be read" in result.stdout
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr  # one line per damage
     assert "resuming from step 15 " in result.stdout
     assert checkpoint_steps(run_copy) == [5, 10, 15, 20, 25]  # step 20 saved again, intact
-    meta = json.loads((newest / "meta.json").read_text())
-    assert checkpoint._sha256(str(newest / "state.npz")) == meta["sha256"]
-    assert not stray.exists() and not old.exists()  # the next save cleaned them up
+    assert _intact(newest) and _intact(root / "step_00000025")
+    assert not stray.exists()  # removed when the run opened its checkpoints
 
 
 def test_corrupted_newest_checkpoint_is_skipped_by_eval_and_sample(data_dir, run_copy):
-    _flip_bytes(run_copy / "checkpoints" / "step_00000020" / "state.npz")
+    _flip_bytes(_data_file(run_copy / "checkpoints" / "step_00000020"))  # orbax reads it back without error
     result = launch(data_dir, run_copy, "--mode=eval")
     assert result.returncode == 0, result.stderr
-    assert "state.npz is corrupted (checksum mismatch)" in result.stdout
+    assert "step_00000020: its arrays differ from the fingerprint saved with them (corrupted)" in result.stdout
     assert "step 15: train loss" in result.stdout
 
 
@@ -177,19 +195,39 @@ def test_damaged_sole_checkpoint_is_a_clear_error(data_dir, run_copy, damage):
         shutil.rmtree(run_copy / "checkpoints" / f"step_{step:08d}")
     sole = run_copy / "checkpoints" / "step_00000020"
     if damage == "truncate":
-        _truncate(sole / "state.npz")
+        _truncate(_data_file(sole))
     elif damage == "flip":
-        _flip_bytes(sole / "state.npz")
+        _flip_bytes(_data_file(sole))
     else:
-        _truncate(sole / "meta.json")
+        _truncate(sole / "meta" / "metadata")
     before = snapshot(run_copy / "checkpoints")
     mode, fields = ("sample", {}) if damage == "flip" else ("train", {"init_from": "resume"})
     message = refused(data_dir, run_copy, mode, **RUN_FIELDS, **fields)
-    problem = {"truncate": "state.npz is corrupted", "flip": "state.npz is corrupted",
-               "meta": "meta.json or state.npz missing or unreadable"}[damage]
-    for fragment in ("no usable checkpoint in", problem, "--config.init_from=scratch"):
+    problem = {"truncate": "cannot be read", "flip": "its arrays differ from the fingerprint saved with them",
+               "meta": "cannot be read"}[damage]
+    for fragment in ("no usable checkpoint in", "step_00000020: " + problem, "--config.init_from=scratch"):
         assert fragment in message, message
     assert snapshot(run_copy / "checkpoints") == before
+
+
+def test_a_checkpoint_of_the_format_before_orbax_resumes_exactly(data_dir, trained, run_copy):
+    """state.npz + meta.json (checkpoint_npz.py) of step 15, written from the orbax checkpoint's state:
+    resuming converts it and continues as the original run did, bit for bit."""
+    config = tiny.get_config()
+    config.update(data_dir=str(data_dir), dataset="chars", out_dir=str(run_copy), check_attention=False, **RUN_FIELDS)
+    for step in (5, 10, 20):
+        shutil.rmtree(run_copy / "checkpoints" / f"step_{step:08d}")
+    state, meta = setup(config, quiet).restore()
+    shutil.rmtree(run_copy / "checkpoints" / "step_00000015")
+    checkpoint_npz.write(str(run_copy / "checkpoints" / "step_00000015"), state, meta)
+    assert sorted(os.listdir(run_copy / "checkpoints" / "step_00000015")) == ["meta.json", "state.npz"]
+
+    result = launch(data_dir, run_copy, *RUN, "--config.init_from=resume")
+    assert result.returncode == 0, result.stderr
+    assert "converted the checkpoint" in result.stdout and "resuming from step 15 " in result.stdout
+    assert checkpoint_steps(run_copy) == [15, 20] and _intact(run_copy / "checkpoints" / "step_00000015")
+    expected = losses_by_step(trained)
+    assert losses_by_step(run_copy) == expected and sorted(expected) == list(range(20))
 
 
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
