@@ -1,4 +1,4 @@
-"""haiku_gpt's command line: train, sample, evaluate, or check a config.
+"""haiku_gpt's command line: train, sample, evaluate, check a config, or export to Hugging Face.
 
   python launch.py --config=configs/shakespeare_char.py [--config.field=value ...] [--mode=train]
   rax run launch.py --config=configs/shakespeare.py
@@ -26,10 +26,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Path to a config file (configs/*.py); override fields with --config.<field>=<value>.",
     lock_config=True)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "sample", "eval", "check"],
+    "mode", "train", ["train", "sample", "eval", "check", "export"],
     "train: train (or resume) a model; sample: generate text from out_dir's checkpoint; "
     "eval: train/val loss of out_dir's checkpoint; check: the preflight only (shapes, parameters, "
-    "FLOPs and memory of the train step against the device's), printed as a table.")
+    "FLOPs and memory of the train step against the device's), printed as a table; export: out_dir's checkpoint as "
+    "Hugging Face GPT-2 (config.json + model.safetensors) in --config.export_dir (default out_dir/hf).")
 # Multi-host training (jax.distributed). Left out: taken from a cluster launcher when there is one
 # (SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS), else this is a single-process run.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(

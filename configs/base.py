@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over prefetched batches)
     c.target = ""  # --mode=check only: compile for hardware that is not here, e.g. 'h100x8', 'tpu-v5e:2x4'
     c.cpu_matmul_library = "auto"  # XLA:CPU matmuls: 'auto' | 'ynnpack' (small models) | 'eigen' (large)
+    # export (--mode=export): out_dir's checkpoint as Hugging Face GPT-2 (config.json + model.safetensors)
+    c.export_dir = ""  # '': out_dir/hf
     # sampling (--mode=sample)
     c.sample = ml_collections.ConfigDict()
     c.sample.start = "\n"  # text, or FILE:path to read the prompt from a file

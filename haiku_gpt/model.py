@@ -91,9 +91,12 @@ def _dropout(x: Array, rate: float, is_training: bool) -> Array:
     return x
 
 
+LAYER_NORM_EPS = 1e-5  # nanoGPT's and GPT-2's (Hugging Face's layer_norm_epsilon)
+
+
 def _layer_norm(bias: bool, name: str) -> hk.LayerNorm:
     # nanoGPT's LayerNorm: eps 1e-5, weight always, bias only with config.bias.
-    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=bias, eps=1e-5, name=name)
+    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=bias, eps=LAYER_NORM_EPS, name=name)
 
 
 class CausalSelfAttention(hk.Module):

@@ -1,4 +1,4 @@
-"""What each mode of launch.py does with its config: train, sample, eval or check.
+"""What each mode of launch.py does with its config: train, sample, eval, check or export.
 
 `run(mode, config)` is launch.py's work once the flags are parsed (and `jax.distributed` has
 started): one `setup(config)` for every mode (experiment.py), then the mode's own module.
@@ -11,7 +11,7 @@ import signal
 
 import ml_collections
 
-from haiku_gpt import distributed, evaluate, preflight, prepare, pretrained, sample, train
+from haiku_gpt import distributed, evaluate, export, preflight, prepare, pretrained, sample, train
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup
 
@@ -34,6 +34,8 @@ def run(mode: str, config: ml_collections.ConfigDict) -> int:
         sample.sample_from_checkpoint(exp)
     elif mode == "eval":
         evaluate.evaluate_checkpoint(exp)
+    elif mode == "export":
+        export.export_checkpoint(exp)
     else:
         preflight.check_shapes(exp)  # shapes and memory first: a run that cannot work is refused here
         summary = train.train(exp)

@@ -35,6 +35,7 @@ import numpy as np
 from haiku_gpt import checkpoint
 from haiku_gpt.config import GPT2_NAMES, MODEL_FIELDS
 from haiku_gpt.errors import UserError
+from haiku_gpt.model import LAYER_NORM_EPS
 from haiku_gpt.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer, Tokenizer, load_tokenizer, one_line, read_meta
 
 CONFIG_FILE = "config.json"
@@ -146,7 +147,7 @@ def read_hf_config(init_from: str, log: Callable[[str], None] = print) -> dict[s
                         f"by n_head={out['n_head']}.")
     eps = raw.get("layer_norm_epsilon", 1e-5)
     act = raw.get("activation_function", "gelu_new")
-    if abs(eps - 1e-5) > 1e-12 or act not in _TANH_GELUS:
+    if abs(eps - LAYER_NORM_EPS) > 1e-12 or act not in _TANH_GELUS:
         raise UserError(
             f"--config.init_from={init_from}: {path} has layer_norm_epsilon={eps} and "
             f"activation_function={act!r}; this model is GPT-2's (LayerNorm eps 1e-5, tanh-GELU "
@@ -247,7 +248,7 @@ def _resume_config(config: ml_collections.ConfigDict, explicit: set[str]) -> ml_
 # Parameters
 
 
-def _hf_key(module: str, name: str) -> str:
+def hf_key(module: str, name: str) -> str:
     """Haiku ('gpt/h_0/attn/c_attn', 'w') -> Hugging Face 'h.0.attn.c_attn.weight'."""
     if (module, name) == ("gpt", "wpe"):
         return "wpe.weight"
@@ -280,7 +281,7 @@ def load_params(init_from: str, template, log: Callable[[str], None] = print):
     for module, leaves in template.items():
         params[module] = {}
         for name, spec in leaves.items():
-            key = _hf_key(module, name)
+            key = hf_key(module, name)
             if key not in tensors:
                 missing.append(key)
                 continue

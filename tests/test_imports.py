@@ -44,6 +44,7 @@ LAYERS = [
     "haiku_gpt.experiment",     # setup(config): what every mode starts from
     "haiku_gpt.evaluate",       # estimate_loss, --mode=eval
     "haiku_gpt.sample",         # generation, --mode=sample
+    "haiku_gpt.export",         # --mode=export: a checkpoint as Hugging Face GPT-2
     "haiku_gpt.shape_checks",   # jaxtyping checks for abstract traces
     "haiku_gpt.preflight",      # --mode=check and the check before training
     "haiku_gpt.train",          # the training loop

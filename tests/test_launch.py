@@ -94,6 +94,17 @@ def test_eval_mode_reports_and_records_losses(trained):
     assert record["val_loss"] == pytest.approx(trained_eval[-1]["val_loss"], rel=1e-5)
 
 
+def test_export_mode_writes_hugging_face_gpt2(trained, tmp_path):
+    """--mode=export (tests/test_export.py has the details): the files, out_dir untouched."""
+    data_dir, out_dir, _ = trained
+    before = snapshot(out_dir)
+    result = launch(*tiny_args(data_dir, out_dir, "--mode=export", f"--config.export_dir={tmp_path / 'hf'}"))
+    assert result.returncode == 0, result.stderr
+    assert f"exported step 20 of {out_dir} as Hugging Face GPT-2 to {tmp_path / 'hf'}" in result.stdout
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "meta.json", "model.safetensors"]
+    assert snapshot(out_dir) == before
+
+
 def test_attention_impls_train_alike(trained, tmp_path):
     data_dir, out_dir, _ = trained
     ref = training_metrics(out_dir)
