@@ -28,9 +28,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "sample", "eval", "check", "export"],
     "train: train (or resume) a model; sample: generate text from out_dir's checkpoint; "
-    "eval: train/val loss of out_dir's checkpoint; check: the preflight only (shapes, parameters, "
-    "FLOPs and memory of the train step against the device's), printed as a table; export: out_dir's checkpoint as "
-    "Hugging Face GPT-2 (config.json + model.safetensors) in --config.export_dir (default out_dir/hf).")
+    "eval: loss/HellaSwag (--config.eval_task) of out_dir's checkpoint; check: the preflight only (shapes, "
+    "parameters, FLOPs and memory of the train step against the device's), printed as a table; export: out_dir's "
+    "checkpoint as Hugging Face GPT-2 (config.json + model.safetensors) in --config.export_dir (default out_dir/hf).")
 # Multi-host training (jax.distributed). Left out: taken from a cluster launcher when there is one
 # (SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS), else this is a single-process run.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(

@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_interval = 1
     c.eval_iters = 200
     c.eval_only = False
+    c.eval_task = "loss"  # --mode=eval: 'loss' (train/val loss) | 'hellaswag' (haiku_gpt/hellaswag.py)
+    c.hellaswag_path = ""  # HellaSwag's val jsonl; '': data_dir/hellaswag/hellaswag_val.jsonl, downloaded once
+    c.hellaswag_limit = 0  # score only the first N examples (0: all 10,042)
     c.always_save_checkpoint = True
     c.init_from = "scratch"  # 'scratch' | 'resume'
     c.keep_checkpoints = 3

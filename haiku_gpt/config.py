@@ -20,6 +20,7 @@ INIT_FROM = ("scratch", "resume")
 # OpenAI's GPT-2 checkpoints on the Hugging Face Hub (haiku_gpt/pretrained.py); a local directory works too.
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 SAMPLE_WINDOWS = ("exact", "half")
+EVAL_TASKS = ("loss", "hellaswag")  # --mode=eval: evaluate.py, hellaswag.py
 # Fields that fix the parameter shapes: a checkpoint must agree on all of them.
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
@@ -122,6 +123,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:
         bad(f"--config.steps_per_call={config.steps_per_call} must be >= 1.")
+    if config.eval_task not in EVAL_TASKS:
+        bad(f"--config.eval_task={config.eval_task!r} is not one of {', '.join(EVAL_TASKS)}: what --mode=eval "
+            "reports, the train/val loss or HellaSwag's acc and acc_norm.")
+    if config.hellaswag_limit < 0:
+        bad(f"--config.hellaswag_limit={config.hellaswag_limit} must be >= 0 (0: every example).")
     if config.cpu_matmul_library not in CPU_MATMUL_LIBRARIES:
         bad(f"--config.cpu_matmul_library={config.cpu_matmul_library!r} is not one of "
             f"{', '.join(CPU_MATMUL_LIBRARIES)}.")

@@ -48,8 +48,8 @@ def run(mode: str, config: ml_collections.ConfigDict) -> int:
 
 
 def needs_dataset(mode: str, config: ml_collections.ConfigDict) -> bool:
-    """Whether the mode reads the dataset: not to sample a pretrained GPT-2 as it is, nor to compile
-    for a target with --config.vocab_size given."""
-    if mode == "sample":
+    """Whether the mode reads the dataset: not to sample a pretrained GPT-2 as it is or score it on
+    HellaSwag, nor to compile for a target with --config.vocab_size given."""
+    if mode == "sample" or (mode == "eval" and config.eval_task == "hellaswag"):
         return not pretrained.is_pretrained(config.init_from)
     return not (mode == "check" and config.target and config.vocab_size)

@@ -42,6 +42,7 @@ LAYERS = [
     "haiku_gpt.pretrained",     # GPT-2 weights from Hugging Face
     "haiku_gpt.steps",          # the jitted init / train step / eval
     "haiku_gpt.experiment",     # setup(config): what every mode starts from
+    "haiku_gpt.hellaswag",      # HellaSwag's acc and acc_norm
     "haiku_gpt.evaluate",       # estimate_loss, --mode=eval
     "haiku_gpt.sample",         # generation, --mode=sample
     "haiku_gpt.export",         # --mode=export: a checkpoint as Hugging Face GPT-2
