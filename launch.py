@@ -93,7 +93,12 @@ def main(argv):
         if code:  # a training run stopped by Ctrl-C/SIGTERM, its checkpoint saved: not a finished run
             sys.exit(code)
     except UserError as e:
-        _exit_with(str(e))
+        # Every writer has closed on the way out (checkpoints written, metrics flushed). Exit at once:
+        # threads still finishing abandoned work (orbax's reads of a damaged checkpoint) would otherwise
+        # print their own errors while the interpreter shuts down.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops cleanly itself)
         print(f"interrupted (--mode={_MODE.value}): nothing was saved.", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)

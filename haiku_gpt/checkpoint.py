@@ -31,7 +31,6 @@ nothing. No format here uses pickle.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -143,6 +142,7 @@ class Checkpoints:
         # A damaged file fails orbax's reads in asyncio tasks, each logged with a traceback when collected;
         # restore reports each damaged checkpoint in one line instead.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        _quiet_abandoned_reads()
         self.out_dir, self.root, self._ocp = out_dir, _checkpoint_root(out_dir), ocp
         if distributed.is_main_process():
             _set_aside_npz_checkpoints(self.root)
@@ -213,7 +213,6 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types for unreadable files)
             while e.__cause__ is not None or e.__context__ is not None:  # the first failure says what is wrong
                 e = e.__cause__ or e.__context__
-            _collect_quietly()
             raise Damaged(f"cannot be read ({one_line(e, 240)})") from None
         state, meta = restored[_STATE_ITEM], restored[_META_ITEM]
         if not isinstance(meta, dict) or _fingerprint_list(state) != meta.get("fingerprint"):
@@ -237,13 +236,20 @@ class Checkpoints:
             warn(f"converted the checkpoint {path} (saved before orbax) into {self.path(step)}")
 
 
-def _collect_quietly() -> None:
-    """Collect the reads orbax abandoned after the first failure now, without a traceback for each."""
-    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+def _quiet_abandoned_reads() -> None:
+    """Once a read of a damaged checkpoint fails, orbax abandons the array reads still in flight; Python
+    reports each such coroutine, with its traceback, whenever it is collected (even at exit). Restore
+    reports the damage in one line instead, so those reports (and only those) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_orbax_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        if getattr(unraisable.object, "__qualname__", None) != "_read_array_index_and_device_put":
+            previous(unraisable)
+
+    hook.drops_abandoned_orbax_reads = True
+    sys.unraisablehook = hook
 
 
 def _set_aside_npz_checkpoints(root: str) -> None:
