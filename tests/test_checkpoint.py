@@ -74,6 +74,16 @@ def test_fingerprint_changes_with_any_single_element(leaf):
     assert (before != after).sum() == 1  # exactly the changed leaf's fingerprint moved
 
 
+def test_fingerprint_is_the_same_on_the_host_and_on_the_device():
+    """The CPU path sums in numpy, in place; GPUs and TPUs use one jitted reduction: a checkpoint moves
+    between them, so both must give the same numbers (and the plain modular sum of the bits)."""
+    leaves = jax.tree.leaves(make_state(5))
+    expected = [int(np.asarray(x).view(f"u{np.asarray(x).dtype.itemsize}").astype(np.uint64).sum()) % 2**32
+                for x in leaves]
+    assert checkpoint.fingerprint(leaves) == expected
+    assert [int(v) for v in np.asarray(checkpoint._device_sums(leaves))] == expected
+
+
 def test_a_checkpoint_without_a_usable_state_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint found in .*: train first"):
         with checkpoint.Checkpoints(str(tmp_path)) as checkpoints:
