@@ -9,6 +9,7 @@ import json
 import random
 import sys
 import types
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,13 @@ def test_one_txt_file_is_one_document_as_before(tmp_path, monkeypatch, gpt2):
 def test_workers_write_identical_files(tmp_path, monkeypatch):
     """Two worker processes, many batches in flight: byte for byte what one process writes."""
     monkeypatch.setattr(prepare, "BATCH_CHARS", 2_000)
+    pools = []
+
+    def counted_pool(*args, **kwargs):
+        pools.append(args[0])
+        return ProcessPoolExecutor(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", counted_pool)
     docs = documents(400, seed=4)
     write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs[:200]])
     write_parquet(tmp_path / "b.parquet", docs[200:], row_group_size=50)
@@ -228,6 +236,7 @@ def test_workers_write_identical_files(tmp_path, monkeypatch):
         out = tmp_path / f"out{workers}"
         prepare.prepare_corpus(tmp_path, out, "gpt2", workers=workers)
         outputs.append({name: (out / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")})
+    assert pools == [2]  # workers=2 really ran in two processes; workers=1 in this one
     assert outputs[0] == outputs[1]
     assert len(outputs[0]["train.bin"]) > 10 * 2 * 2_000 // 4  # many batches of ~2,000 characters
 
