@@ -583,7 +583,8 @@ def text_main(data_root: str | Path, argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="char",
                         help="char: one token per character; gpt2: GPT-2's BPE (default: %(default)s)")
     parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
-                        help="the share of documents (of tokens, for one .txt file) that validates (default: %(default)s)")
+                        help="the share of documents (of tokens, for one .txt file) that validates "
+                             "(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="tokenizing processes (default: the CPUs available, %(default)s)")
     parser.add_argument("--name", help="the dataset's name (default: the input's name without extension)")

@@ -9,8 +9,9 @@ prepares the first 250 MB and all 1000 MB of them with GPT-2's BPE, each in a fr
 process, and prints for each size: the input MB, seconds, MB/s, tokens/s, the CPU
 seconds of all processes, and the memory: the peak RSS of the main process and its RSS by
 quarter of the run, the peak RSS of the largest worker, and the peak PSS of all of them
-together (from /proc: Linux only). Memory is flat when none of these grows with the size. The prepared token files are deleted after each run;
-the shards stay in --dir for the next run (delete --dir when done).
+together (from /proc: Linux only). Memory is flat when none of these grows with the size.
+The prepared token files are deleted after each run; the shards stay in --dir for the next
+run (delete --dir when done).
 """
 
 from __future__ import annotations
