@@ -16,7 +16,7 @@ import numpy as np
 from jaxtyping import Int
 
 from haiku_gpt.errors import UserError
-from haiku_gpt.tokenizer import Tokenizer, load_tokenizer, read_meta
+from haiku_gpt.tokenizer import Tokenizer, load_tokenizer, meta_dtype, read_meta
 
 SPLITS = ("train", "val")
 _STREAM_IDS = {"train": 0, "val": 1}
@@ -28,7 +28,7 @@ class Dataset:
     path: str
     meta: dict
     tokenizer: Tokenizer
-    splits: dict  # split name -> np.memmap of uint16 token ids
+    splits: dict  # split name -> np.memmap of token ids (uint16, or uint32 for a vocabulary beyond 65536)
 
     @property
     def vocab_size(self) -> int:
@@ -46,7 +46,8 @@ def open_dataset(data_dir: str, name: str, block_size: int) -> Dataset:
                 f"dataset {name!r} at {path} has meta.json but no {split}.bin, so it was not prepared "
                 f"completely: prepare it again with `python data/{name}/prepare.py --force` "
                 f"(or data/text/prepare.py --force --name {name} --input ...).")
-        tokens = np.memmap(file, dtype=np.uint16, mode="r") if os.path.getsize(file) else np.zeros(0, np.uint16)
+        dtype = meta_dtype(meta)
+        tokens = np.memmap(file, dtype=dtype, mode="r") if os.path.getsize(file) else np.zeros(0, dtype)
         if len(tokens) <= block_size:
             raise UserError(
                 f"the {split} split of dataset {name!r} has {len(tokens)} tokens, too few for "

@@ -19,13 +19,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from haiku_gpt.errors import UserError
 
 META_FILE = "meta.json"
 META_FORMAT = 1  # bump when meta.json's meaning changes
 TOKENIZERS = ("char", "gpt2")
 GPT2_VOCAB_SIZE = 50257
-MAX_VOCAB_SIZE = 2**16  # token ids are stored as np.uint16
+# Token files hold uint16 ids while the vocabulary fits (GPT-2's does), else uint32. meta.json
+# records which as "dtype"; a meta.json without it is from before uint32 and means uint16.
+TOKEN_DTYPES = ("uint16", "uint32")
+UINT16_VOCAB_SIZE = 2**16
 
 
 class Tokenizer(ABC):
@@ -123,6 +128,16 @@ def load_gpt2_encoding() -> Any:
             f"(error: {one_line(e)})") from e
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype of the token files for a vocabulary: uint16, or uint32 beyond 65536 ids."""
+    return np.dtype(np.uint16 if vocab_size <= UINT16_VOCAB_SIZE else np.uint32)
+
+
+def meta_dtype(meta: dict[str, Any]) -> np.dtype:
+    """The dtype of a prepared dataset's train.bin/val.bin (see TOKEN_DTYPES)."""
+    return np.dtype(meta.get("dtype", "uint16"))
+
+
 def load_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer a dataset was prepared with, from its meta.json (see `read_meta`)."""
     kind = meta.get("tokenizer")
@@ -172,8 +187,11 @@ def _meta_problem(meta: Any) -> str | None:
     for key in ("vocab_size", "train_tokens", "val_tokens"):
         if not count(meta.get(key)):
             return f"{key} is {meta.get(key)!r}, expected a positive integer"
-    if meta["vocab_size"] > MAX_VOCAB_SIZE:
-        return f"vocab_size {meta['vocab_size']} does not fit in uint16 token files"
+    dtype = meta.get("dtype", "uint16")
+    if dtype not in TOKEN_DTYPES:
+        return f"dtype {dtype!r}, expected one of {', '.join(TOKEN_DTYPES)}"
+    if meta["vocab_size"] > np.iinfo(dtype).max + 1:
+        return f"vocab_size {meta['vocab_size']} does not fit in {dtype} token files"
     if meta["tokenizer"] == "char":
         itos = meta.get("itos")
         if not (isinstance(itos, list) and all(isinstance(c, str) and len(c) == 1 for c in itos)):

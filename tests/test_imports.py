@@ -35,7 +35,9 @@ LAYERS = [
     "haiku_gpt.optimizer",      # AdamW and the schedule
     "haiku_gpt.tokenizer",
     "haiku_gpt.data",           # the token files and batches
+    "haiku_gpt.corpus",         # .txt/.jsonl/.parquet files and Hugging Face datasets as streams of documents
     "haiku_gpt.prepare",        # text -> token files
+    "haiku_gpt.prepare_bench",  # peak memory and throughput of prepare on a generated corpus
     "haiku_gpt.metrics",        # metrics.jsonl, loss.png, the step log
     "haiku_gpt.checkpoint_npz", # the checkpoint format before orbax, read to convert it
     "haiku_gpt.checkpoint",     # orbax checkpoints, and restoring one into a run

@@ -86,13 +86,6 @@ def test_gpt2_prepare(tmp_path, gpt2_available):
     assert tokenizer.decode(ids) == TEXT
 
 
-def test_gpt2_chunked_encoding_matches_whole(gpt2_available):
-    text = "Hello,\n\n  world!\nIt's   a test.\n\tindented\n\n\nend" * 30
-    tokenizer = prepare.build_tokenizer("gpt2", text)
-    chunked = prepare.encode_text(tokenizer, text, chunk_chars=7)
-    assert chunked.tolist() == tokenizer.encode(text)
-
-
 def test_gpt2_unavailable_is_a_user_error(monkeypatch):
     import tiktoken
 

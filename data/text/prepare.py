@@ -1,9 +1,12 @@
-"""Your own text as a dataset: a UTF-8 file, or a folder of .txt files (joined in name order).
+"""Your own corpus as a dataset: .txt, .jsonl or .parquet files, a folder of them, or a Hugging Face dataset.
 
-    python data/text/prepare.py --input FILE_OR_DIR [--tokenizer char|gpt2] [--name NAME] [--force]
+    python data/text/prepare.py --input FILE_OR_DIR [--tokenizer char|gpt2] [--name NAME] [--field text]
+                                [--val_fraction 0.1] [--workers N] [--force]
+    python data/text/prepare.py --hf_dataset NAME [--hf_config CONFIG] [--hf_split train] --tokenizer gpt2 ...
 
-Writes train.bin, val.bin and meta.json to data/NAME/ (NAME defaults to the
-input's name); then train with --config.dataset=NAME.
+Streams the documents (a .txt file, a .jsonl line, a parquet or dataset row each), tokenizes
+them in --workers processes and writes train.bin, val.bin and meta.json to data/NAME/ (NAME
+defaults to the input's name); then train with --config.dataset=NAME. See haiku_gpt/prepare.py.
 """
 
 import os
