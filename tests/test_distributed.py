@@ -223,6 +223,9 @@ def test_two_processes_agree_and_match_one_process(runs):
     assert "iter" not in p1["stdout"] and "checkpoint" not in p1["stdout"]  # only process 0 logs
     assert sorted(_metric_losses(out_dir)) == list(range(SHORT))  # written once, by process 0
     assert sorted(os.listdir(out_dir / "checkpoints")) == ["step_00000005", "step_00000010"]
+    # Each process wrote the shards its own devices hold (fsdp: no process holds a whole array).
+    state_dir = out_dir / "checkpoints" / "step_00000010" / "state"
+    assert sorted(p.name for p in state_dir.glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
 
 
 def test_batch_must_divide_by_device_count(runs):
