@@ -14,7 +14,7 @@ Layout: `out_dir/checkpoints/step_00001000/`
   finalize): a crash at any moment, even `kill -9` mid-write, leaves at most such a temporary
   directory, which the next run removes, never a half-written checkpoint under a real name.
 - Retention: the newest `keep` checkpoints, plus the one with the best val loss (orbax's LatestN
-  and BestN preservation policies).
+  and BestN preservation policies; each save's val loss is on disk, so this holds across runs).
 - Restoring reads each process's shards straight into the layout this run asks for (`target`'s
   shardings), so a checkpoint moves between device counts and between fsdp and replication.
 
@@ -143,6 +143,12 @@ def fingerprint(state) -> list[int]:
     return [int(v) for v in sums]
 
 
+def _no_metric_is_fine(record: logging.LogRecord) -> bool:
+    """A save on a signal has no val loss, by design: orbax's warning about it is dropped."""
+    return not record.getMessage().startswith("Requested `tracked_metric`")
+
+
+
 class Checkpoints:
     """out_dir's checkpoints, through an orbax CheckpointManager (see the module docstring).
 
@@ -154,7 +160,10 @@ class Checkpoints:
         import orbax.checkpoint as ocp  # noqa: PLC0415 (heavy: imported where checkpoints are used)
         from orbax.checkpoint import checkpoint_managers as policies  # noqa: PLC0415
 
-        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of a save at INFO
+        absl_log = logging.getLogger("absl")
+        absl_log.setLevel(logging.WARNING)  # orbax logs every step of a save at INFO
+        if _no_metric_is_fine not in absl_log.filters:
+            absl_log.addFilter(_no_metric_is_fine)
         # A damaged file fails orbax's reads in asyncio tasks, each logged with a traceback when collected;
         # restore reports each damaged checkpoint in one line instead.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -168,6 +177,9 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             step_prefix=_PREFIX, step_format_fixed_length=_DIGITS, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=True,
+            # best_fn only makes orbax write each save's val_loss to disk (_CHECKPOINT_METADATA), so that a
+            # later run's manager still knows the best; which checkpoints stay is the preservation policy's.
+            best_fn=lambda m: m["val_loss"], best_mode="min",
             preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), keep_best]))
         self.manager = ocp.CheckpointManager(self.root, item_names=(_STATE_ITEM, _META_ITEM), options=options)
 
@@ -187,11 +199,14 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict, val_loss: float | None = None) -> str:
         """Start saving `state` (laid out on the devices) as the checkpoint of `step`; returns its path.
 
-        Blocks until the previous save is written and this one's arrays are copied off the devices."""
+        Blocks until the previous save is written and this one's arrays are copied off the devices.
+        Orbax writes a step once: an existing checkpoint of `step` (one a restore skipped as damaged, or
+        another run's in a reused out_dir) is deleted first. train.py never saves again the step it
+        resumed from, whose checkpoint already holds this state."""
         ocp = self._ocp
         meta = dict(meta, step=step, val_loss=val_loss, fingerprint=fingerprint(state))
         self.manager.wait_until_finished()
-        if step in self.manager.all_steps():  # re-saving a step (after resuming before it)
+        if step in self.manager.all_steps():
             self.manager.delete(step)
         self.manager.save(step, force=True, metrics=None if val_loss is None else {"val_loss": val_loss},
                           args=ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardSave(state),
@@ -238,6 +253,10 @@ class Checkpoints:
     def _convert_npz_checkpoints(self, target, warn) -> None:
         """Save each checkpoint of the format before orbax anew as an orbax checkpoint (see the docstring)."""
         for step, path in sorted(_step_dirs(self.root, _CONVERTING).items()):
+            if step in self.manager.all_steps():  # a later run (init_from=scratch here) saved this step anew
+                warn(f"warning: not converting the checkpoint {path} (saved before orbax): {self.path(step)} "
+                     "holds a newer run's checkpoint of that step; it is left as it is")
+                continue
             try:
                 state, meta = checkpoint_npz.read(path, target)
             except Damaged as e:
@@ -253,15 +272,19 @@ class Checkpoints:
 
 
 def _quiet_abandoned_reads() -> None:
-    """Once a read of a damaged checkpoint fails, orbax abandons the array reads still in flight; Python
-    reports each such coroutine, with its traceback, whenever it is collected (even at exit). Restore
-    reports the damage in one line instead, so those reports (and only those) are dropped."""
+    """Once a read of a damaged checkpoint fails, orbax abandons the array reads still in flight and
+    closes their event loop; Python reports each such coroutine, and each tensorstore callback that
+    then finds the loop closed, with a traceback, whenever it happens (even at exit). Restore reports
+    the damage in one line instead, so those reports (and only those) are dropped."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_orbax_reads", False):
         return
 
     def hook(unraisable) -> None:
-        if getattr(unraisable.object, "__qualname__", None) != "_read_array_index_and_device_put":
+        exc = unraisable.exc_value
+        abandoned = (getattr(unraisable.object, "__qualname__", None) == "_read_array_index_and_device_put"
+                     or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"))  # their callbacks
+        if not abandoned:
             previous(unraisable)
 
     hook.drops_abandoned_orbax_reads = True

@@ -70,7 +70,11 @@ def export_checkpoint(exp: Experiment) -> str:
     tokenizer = check_tokenizer(exp.dataset.meta, exp.dataset.name)
     state, meta = exp.restore()
     step = int(meta["step"])
-    tensors = hf_tensors(state.params, exp.model_config, exp.valid_vocab)
+    params = state.params
+    if jax.process_count() > 1:  # fsdp over several processes: gather whole arrays (a collective: every process)
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        params = multihost_utils.process_allgather(params, tiled=True)
+    tensors = hf_tensors(params, exp.model_config, exp.valid_vocab)
     hf_config = gpt2_config(exp.config, exp.valid_vocab, tokenizer,
                             {"out_dir": exp.config.out_dir, "step": step, "dataset": exp.dataset.name,
                              "tokenizer": tokenizer})

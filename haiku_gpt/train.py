@@ -40,6 +40,7 @@ def train(exp: Experiment) -> dict:
                        peak, writer, emit=log if bar.disable else tqdm.write)  # log lines above a live bar
     batch_shape = (config.gradient_accumulation_steps, config.batch_size)
     step, in_flight, scan_lengths, summary = int(state.step), None, set(), {}
+    resumed_at = step if config.init_from == "resume" else None  # its checkpoint holds this state already
     checkpoints = checkpoint.Checkpoints(config.out_dir, config.keep_checkpoints)
     with _StopRequest() as stop, bar, writer, _Profile(config, log) as profile, checkpoints:
         while True:
@@ -50,7 +51,7 @@ def train(exp: Experiment) -> dict:
                 summary.update(train_loss=losses["train"], val_loss=losses["val"])
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if (improved or config.always_save_checkpoint) and step > 0 and not config.eval_only:
+                if (improved or config.always_save_checkpoint) and 0 < step != resumed_at and not config.eval_only:
                     _save(exp, checkpoints, step, state, best_val_loss, val_loss=losses["val"])
                 if config.eval_only:
                     break

@@ -44,9 +44,10 @@ def steps_on_disk(out_dir) -> list[int]:
 
 
 def test_keeps_the_newest_and_the_best_and_restores_the_newest(tmp_path):
+    """Each save in a manager of its own, as runs resumed one after another: the best is known from disk."""
     losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 2.5, 6: 4.0}  # None: a save on a signal, without an eval
-    with checkpoint.Checkpoints(str(tmp_path), keep=2) as checkpoints:
-        for step, val_loss in losses.items():
+    for step, val_loss in losses.items():
+        with checkpoint.Checkpoints(str(tmp_path), keep=2) as checkpoints:
             checkpoints.save(step, make_state(step), {"run": "test"}, val_loss)
     assert steps_on_disk(tmp_path) == [2, 5, 6]  # the best (1.0) and the newest two
     with checkpoint.Checkpoints(str(tmp_path)) as checkpoints:
@@ -121,6 +122,18 @@ def test_checkpoints_of_the_format_before_orbax_are_converted_on_load(tmp_path):
     with checkpoint.Checkpoints(str(tmp_path)) as checkpoints:  # the converted ones are orbax's now
         assert_same(checkpoints.restore(target_of(make_state(half=False)))[0], make_state(15, half=False))
         assert sorted(checkpoints.manager.all_steps()) == [5, 10, 15]
+
+
+def test_an_npz_checkpoint_of_a_step_a_later_run_saved_is_not_converted(tmp_path):
+    checkpoint_npz.write(str(tmp_path / "checkpoints" / "step_00000005"), make_state(5, half=False), {"step": 5})
+    with checkpoint.Checkpoints(str(tmp_path)) as checkpoints:  # a new run (init_from=scratch) in the same out_dir
+        checkpoints.save(5, make_state(50, half=False), {"step": 5}, 1.0)
+    messages = []
+    with checkpoint.Checkpoints(str(tmp_path)) as checkpoints:
+        state, _ = checkpoints.restore(target_of(make_state(half=False)), warn=messages.append)
+    assert_same(state, make_state(50, half=False))  # the newer run's, not the old npz
+    assert any("not converting" in m and "step_00000005.npz" in m for m in messages), messages
+    assert (tmp_path / "checkpoints" / "step_00000005.npz" / "state.npz").exists()  # left as it was
 
 
 def test_saving_and_restoring_never_pickle(tmp_path, monkeypatch):

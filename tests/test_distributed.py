@@ -228,6 +228,31 @@ def test_two_processes_agree_and_match_one_process(runs):
     assert sorted(p.name for p in state_dir.glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
 
 
+def test_export_from_two_processes_matches_one_process(runs):
+    """--mode=export of an fsdp checkpoint restored over 2 processes x 2 devices (no process holds a whole
+    array) writes the same files as an export in one process."""
+    source = runs("four_devices_fsdp", 4, "--config.fsdp=True")
+    exports = {}
+    for name, processes in (("one", 1), ("two", 2)):
+        out_dir = runs.root / f"export_{name}"
+        shutil.copytree(Path(source["out_dir"]) / "checkpoints", out_dir / "checkpoints")
+        args = _args(runs.data_dir, out_dir, "--mode=export", "--config.fsdp=True")
+        if processes > 1:
+            args += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
+        procs = [_start(runs.driver, 2 if processes > 1 else 1, [*args, *([f"--process_id={i}"] if processes > 1
+                                                                         else [])]) for i in range(processes)]
+        try:
+            for p in procs:
+                _ok(_finish(p))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        exports[name] = {f: (out_dir / "hf" / f).read_bytes() for f in ("model.safetensors", "config.json")}
+    assert exports["one"]["model.safetensors"] == exports["two"]["model.safetensors"]
+    assert len(exports["one"]["model.safetensors"]) > 10_000
+
+
 def test_batch_must_divide_by_device_count(runs):
     proc = _start(runs.driver, 4, _args(runs.data_dir, runs.root / "bad_batch", "--config.batch_size=6"))
     result = _finish(proc)

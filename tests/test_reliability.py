@@ -189,6 +189,9 @@ def test_corrupted_newest_checkpoint_is_skipped_by_eval_and_sample(data_dir, run
     assert "step 15: train loss" in result.stdout
 
 
+# In this process pytest's own hook reports the reads orbax abandons on a damaged file (launch.py drops
+# them: checkpoint._quiet_abandoned_reads, tested through launch.py above).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "flip", "meta"])
 def test_damaged_sole_checkpoint_is_a_clear_error(data_dir, run_copy, damage):
     for step in (5, 10, 15):

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+from pathlib import Path
 
 import chex
 import jax
@@ -254,9 +255,13 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     tiny_config.out_dir = str(tmp_path / "split")
     tiny_config.max_iters = 10  # stop at the step-10 checkpoint...
     train.train(setup(tiny_config, lambda s: None))
+    saved = Path(tiny_config.out_dir) / "checkpoints" / "step_00000010"
+    before = {p: p.read_bytes() for p in saved.rglob("*") if p.is_file()}
     tiny_config.max_iters = 20  # ...then resume to 20 (changing max_iters is allowed)
     tiny_config.init_from = "resume"
     train.train(setup(tiny_config, lambda s: None))
+    # The resumed step is not saved again (always_save_checkpoint): its checkpoint was never replaced.
+    assert {p: p.read_bytes() for p in saved.rglob("*") if p.is_file()} == before
     resumed = {r["step"]: r["loss"] for r in read_metrics(tiny_config.out_dir) if "loss" in r}
     assert resumed == full
 
