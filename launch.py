@@ -99,8 +99,9 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops cleanly itself)
-        print(f"interrupted (--mode={_MODE.value}): nothing was saved.", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops itself), or a second one
+        print(f"interrupted (--mode={_MODE.value}): stopped without saving the current state (checkpoints "
+              "written before stay as they were).", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
     finally:
         if config.check_attention:  # settle chex's jitted attention checks before exiting

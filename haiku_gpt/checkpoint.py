@@ -19,8 +19,9 @@ Layout: `out_dir/checkpoints/step_00001000/`
   shardings), so a checkpoint moves between device counts and between fsdp and replication.
 
 Damage: orbax reads a flipped byte in a data file back without complaint, so the meta records a
-fingerprint of each array (`fingerprint`: the sum of its bits modulo 2**32, taken before the save). Restore recomputes it: a checkpoint that does not read back, or
-reads back different, is reported and the previous one is used.
+fingerprint of each array (`fingerprint`: the sum of its bits modulo 2**32, taken before the save).
+Restore recomputes it: a checkpoint that does not read back, or reads back different, is reported
+and the previous one is used.
 
 Checkpoints written before orbax (`state.npz` + `meta.json`, checkpoint_npz.py) are converted the
 first time a run loads them: each is renamed to `step_N.npz` (out of orbax's sight), saved anew as an

@@ -100,7 +100,8 @@ def test_a_checkpoint_without_a_usable_state_is_a_clear_error(tmp_path):
 def test_checkpoints_of_the_format_before_orbax_are_converted_on_load(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (5, 10):
-        checkpoint_npz.write(str(root / f"step_{step:08d}"), make_state(step, half=False), {"step": step, "val_loss": 2.0 / step})
+        checkpoint_npz.write(str(root / f"step_{step:08d}"), make_state(step, half=False),
+                             {"step": step, "val_loss": 2.0 / step})
     # A conversion interrupted after the rename that set step 15 aside (still a complete npz checkpoint).
     checkpoint_npz.write(str(root / "step_00000015.npz"), make_state(15, half=False), {"step": 15, "val_loss": None})
     checkpoint_npz.write(str(root / "step_00000020"), make_state(20, half=False), {"step": 20})

@@ -178,7 +178,8 @@ def test_checkpoint_resumes_on_another_device_count(runs, first, last):
     one = runs("one_device", 1)
     source = runs(f"four_devices_{'fsdp' if first else 'replicated'}", 4, f"--config.fsdp={first}")
     out_dir = runs.root / f"resume_chain_{'fsdp' if first else 'replicated'}"
-    shutil.copytree(Path(source["out_dir"]) / "checkpoints" / "step_00000010", out_dir / "checkpoints" / "step_00000010")
+    shutil.copytree(Path(source["out_dir"]) / "checkpoints" / "step_00000010",
+                    out_dir / "checkpoints" / "step_00000010")
     middle = runs(out_dir.name + "_1", 1, "--config.init_from=resume", "--config.max_iters=15", out_dir=out_dir)
     last_run = runs(out_dir.name + "_4", 4, "--config.init_from=resume", f"--config.fsdp={last}", out_dir=out_dir)
     assert "resuming from step 10" in middle["stdout"] and "resuming from step 15" in last_run["stdout"]
