@@ -220,9 +220,7 @@ class Checkpoints:
         self._convert_npz_checkpoints(target, warn)
         steps = sorted(self.manager.all_steps())
         if not steps:
-            raise UserError(
-                f"no checkpoint found in {self.root}: train first (`python launch.py --config=...`), or "
-                "point --config.out_dir at the directory of an earlier run.")
+            raise _no_checkpoint(self.root)
         problems = []
         for step in reversed(steps):
             try:
@@ -270,6 +268,11 @@ class Checkpoints:
             if distributed.is_main_process():
                 shutil.rmtree(path)
             warn(f"converted the checkpoint {path} (saved before orbax) into {self.path(step)}")
+
+
+def _no_checkpoint(root: str) -> UserError:
+    return UserError(f"no checkpoint found in {root}: train first (`python launch.py --config=...`), or point "
+                     "--config.out_dir at the directory of an earlier run.")
 
 
 def _quiet_abandoned_reads() -> None:
@@ -338,9 +341,7 @@ def restore(out_dir: str, target, expected: dict, warn=print):
     its arrays laid out as `target` (ShapeDtypeStructs with shardings) asks."""
     root = _checkpoint_root(out_dir)
     if not (_step_dirs(root, _NAME) or _step_dirs(root, _CONVERTING)):
-        raise UserError(
-            f"no checkpoint found in {root}: train first (`python launch.py --config=...`), or point "
-            "--config.out_dir at the directory of an earlier run.")
+        raise _no_checkpoint(root)
     meta = latest_meta(out_dir)
     if meta is not None:
         check_compatible(meta, expected, out_dir)

@@ -49,7 +49,8 @@ from tqdm import tqdm
 from haiku_gpt import prepare
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import Experiment
-from haiku_gpt.model import GPTConfig, make_model
+from haiku_gpt.model import GPTConfig, make_model, mask_padding
+from haiku_gpt.steps import make_logits_fn
 from haiku_gpt.tokenizer import Tokenizer, one_line
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -197,17 +198,13 @@ def batch_arrays(examples: list[Example], batch_size: int, block_size: int):
 
 def make_scorer(model_config: GPTConfig, dtype: str, valid_vocab: int) -> Callable:
     """A jitted (params, inputs, targets, mask) -> (summed, mean) loss of each row's masked targets."""
-    model = make_model(dataclasses.replace(model_config, dropout=0.0, check_attention=False))
-    compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    logits_fn = make_logits_fn(make_model(dataclasses.replace(model_config, dropout=0.0, check_attention=False)),
+                               dtype)
 
     @jax.jit
     def score_rows(params: hk.Params, inputs: Int[Array, "R T"], targets: Int[Array, "R T"],
                    mask: Bool[Array, "R T"]) -> tuple[Float[Array, " R"], Float[Array, " R"]]:
-        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)  # as the train step computes
-        logits, _ = model.apply(params, None, inputs, False)
-        logits = logits.astype(jnp.float32)
-        if valid_vocab < logits.shape[-1]:  # padded embedding rows are not tokens
-            logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
+        logits = mask_padding(logits_fn(params, None, inputs, False), valid_vocab)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         summed = jnp.sum(jnp.where(mask, losses, 0.0), axis=-1)
         return summed, summed / jnp.maximum(jnp.sum(mask, axis=-1), 1)

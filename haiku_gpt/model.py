@@ -216,6 +216,14 @@ class GPT(hk.Module):
         return logits, cache
 
 
+def mask_padding(logits: Float[Array, "... V"], valid_vocab: int) -> Float[Array, "... V"]:
+    """Logits with the padded embedding rows past `valid_vocab` (BPE's 50257 padded to 50304) set to -inf:
+    they are not tokens, so they are never sampled nor share the softmax."""
+    if valid_vocab >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
+
+
 def make_model(config: GPTConfig) -> hk.Transformed:
     """`init(rng, idx)` / `apply(params, rng, idx, is_training, cache, start)` for the GPT."""
 

@@ -492,17 +492,17 @@ def prepare_shakespeare(out_dir: str | Path, tokenizer_name: str, input_path: st
                         force: bool = False) -> dict[str, Any]:
     """Tiny Shakespeare in `out_dir`, from `input_path`, else out_dir/input.txt, else downloaded."""
     out_dir = Path(out_dir)
-    if not force and (meta := _already_prepared(out_dir, tokenizer_name)) is not None:
-        return meta
-    if input_path is not None:
-        corpus = txt_corpus(input_path)
-    else:
+
+    def corpus() -> Corpus:
+        if input_path is not None:
+            return txt_corpus(input_path)
         local = out_dir / "input.txt"
         downloaded = not local.exists()
         if downloaded:
             download(TINY_SHAKESPEARE_URL, local)
-        corpus = txt_corpus(local, source=TINY_SHAKESPEARE_URL if downloaded else None)
-    return prepare_stream(corpus, out_dir, tokenizer_name)
+        return txt_corpus(local, source=TINY_SHAKESPEARE_URL if downloaded else None)
+
+    return prepare_unless_done(corpus, out_dir, tokenizer_name, force)
 
 
 def prepare_corpus(input_path: str | Path, out_dir: str | Path, tokenizer_name: str, force: bool = False,

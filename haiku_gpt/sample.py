@@ -27,15 +27,12 @@ from haiku_gpt import pretrained
 from haiku_gpt.config import validate_sample
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import Experiment
-from haiku_gpt.model import GPTConfig, init_kv_cache, make_model
+from haiku_gpt.model import GPTConfig, init_kv_cache, make_model, mask_padding
 
 
 def _next_token(key, logits: Float[Array, "B V"], temperature: float, top_k: int, valid_vocab: int):
     """Sample from softmax(logits / temperature) restricted to the top_k tokens (nanoGPT's rule)."""
-    logits = logits.astype(jnp.float32)
-    if valid_vocab < logits.shape[-1]:  # padded embedding rows are not tokens
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
-    logits = logits / temperature
+    logits = mask_padding(logits.astype(jnp.float32), valid_vocab) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)

@@ -96,14 +96,24 @@ class Steps:
         return make_steps(config, self.model_config.vocab_size, self.mesh)
 
 
-def make_loss_fn(model: hk.Transformed, dtype: str) -> Callable:
+def make_logits_fn(model: hk.Transformed, dtype: str) -> Callable:
+    """(params, rng, x, is_training) -> float32 logits, computed in `dtype` as the train step computes them."""
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
 
-    def loss_fn(params, rng, x: Int[Array, "B T"], y: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
+    def logits_fn(params, rng, x: Int[Array, "B T"], is_training: bool) -> Float[Array, "B T V"]:
         if compute_dtype != jnp.float32:  # mixed precision: float32 master params, low-precision compute
             params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         logits, _ = model.apply(params, rng, x, is_training)
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        return logits.astype(jnp.float32)
+
+    return logits_fn
+
+
+def make_loss_fn(model: hk.Transformed, dtype: str) -> Callable:
+    logits_fn = make_logits_fn(model, dtype)
+
+    def loss_fn(params, rng, x: Int[Array, "B T"], y: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
+        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, rng, x, is_training), y).mean()
 
     return loss_fn
 
