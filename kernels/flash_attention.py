@@ -157,6 +157,12 @@ class _Backend:
     name: str  # "interpret" | "triton" | "mosaic_tpu"
     interpret: bool
     streamed: bool
+    # The layout the kernels read and write q/k/v/o and their gradients in. False: the public
+    # [B, T, H, D] itself (token-major), heads a squeezed block dimension, so XLA neither
+    # transposes nor (when T and D need no padding) copies anything around the kernels.
+    # True: [B, H, T, D] (heads-major), transposed in XLA: Mosaic TPU tiles a block's last two
+    # dimensions, which must then be (rows, head dim).
+    heads_major: bool
 
     def compiler_params(self, sizes: BlockSizes, reduction_axis: bool):
         if self.name == "triton":
@@ -177,10 +183,10 @@ class _Backend:
         return pl.BlockSpec((2,), lambda *_: (0,))
 
 
-_INTERPRET = _Backend("interpret", interpret=True, streamed=False)
-_INTERPRET_STREAMED = _Backend("interpret", interpret=True, streamed=True)
-_TRITON = _Backend("triton", interpret=False, streamed=False)
-_MOSAIC_TPU = _Backend("mosaic_tpu", interpret=False, streamed=True)
+_INTERPRET = _Backend("interpret", interpret=True, streamed=False, heads_major=False)  # runs Triton's kernels
+_INTERPRET_STREAMED = _Backend("interpret", interpret=True, streamed=True, heads_major=True)  # runs the TPU's
+_TRITON = _Backend("triton", interpret=False, streamed=False, heads_major=False)
+_MOSAIC_TPU = _Backend("mosaic_tpu", interpret=False, streamed=True, heads_major=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +288,7 @@ _TRITON_FLOAT32 = {16: (64, 64, 8, 2), 32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 1
                    256: (16, 16, 8, 2)}
 _TRITON_16BIT = {  # bfloat16/float16 on tensor cores: wgmma on Hopper (sm_90), mma.sync on Ampere (sm_80)
     9: {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
-    8: {16: (128, 128, 8, 2), 32: (64, 64, 4, 2), 64: (64, 32, 8, 2), 128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
+    8: {16: (128, 128, 8, 2), 32: (64, 64, 4, 2), 64: (64, 32, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
 }
 
 
@@ -665,15 +671,46 @@ def _streamed_dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 # ---------------------------------------------------------------------------
 
 
-def _rows_spec(block: int, width: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
-    """Block `index(b, h, *grid)` of the rows of [B, H, Tp, width] (width Dp, or 1 for row stats)."""
-    return pl.BlockSpec((None, None, block, width),
-                        lambda b, h, *rest: (b, h, index(b, h, *rest), 0))
+@dataclasses.dataclass(frozen=True)
+class _Specs:
+    """BlockSpecs for one call: q/k/v-shaped arrays in the backend's layout, row statistics heads-major.
 
+    Grids start (B, H, ...). `group` query heads share one K/V head (grouped-query attention):
+    query head h reads K/V head h // group, and dK/dV come out per query head (summed in XLA).
+    """
 
-def _all_rows_spec(seq_padded: int, width: int) -> pl.BlockSpec:
-    """All rows of one (batch, head): the kernel slices its own blocks in a loop."""
-    return pl.BlockSpec((None, None, seq_padded, width), lambda b, h, *_: (b, h, 0, 0))
+    heads_major: bool
+    group: int = 1
+
+    def _spec(self, block, width, row, head) -> pl.BlockSpec:
+        if self.heads_major:  # [B, H, Tp, width]
+            return pl.BlockSpec((None, None, block, width), lambda b, h, *rest: (b, head(h), row(b, h, *rest), 0))
+        return pl.BlockSpec((None, block, None, width), lambda b, h, *rest: (b, row(b, h, *rest), head(h), 0))
+
+    def rows(self, block: int, width: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+        """Block `index(b, h, *grid)` of query head h's rows (q, o, dO, dQ, and the per-head dK/dV)."""
+        return self._spec(block, width, index, lambda h: h)
+
+    def kv_rows(self, block: int, width: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+        """Block `index(b, h, *grid)` of the rows of the K/V head query head h reads."""
+        return self._spec(block, width, index, self._kv_head)
+
+    def all_rows(self, seq_padded: int, width: int, kv: bool = False) -> pl.BlockSpec:
+        """All rows of one (batch, head): the kernel slices its own blocks in a loop."""
+        return self._spec(seq_padded, width, lambda *_: 0, self._kv_head if kv else (lambda h: h))
+
+    def _kv_head(self, h):
+        # lax.div: truncating division, which Mosaic TPU lowers without the sign op of `//`.
+        return h if self.group == 1 else lax.div(h, self.group)
+
+    @staticmethod
+    def stats(block: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+        """Block of rows of lse or delta, [B, H, Tp, 1] (the trailing 1 keeps them 2-D)."""
+        return pl.BlockSpec((None, None, block, 1), lambda b, h, *rest: (b, h, index(b, h, *rest), 0))
+
+    @staticmethod
+    def all_stats(seq_padded: int) -> pl.BlockSpec:
+        return pl.BlockSpec((None, None, seq_padded, 1), lambda b, h, *_: (b, h, 0, 0))
 
 
 def _pallas(backend: _Backend, opts: _Options, kernel: Callable, *, name: str, grid,
@@ -720,34 +757,48 @@ def _vmem(shape) -> Any:
     return pltpu.VMEM(shape, jnp.float32)
 
 
-def _to_kernel_layout(x, geom: _Geometry):
-    """[B, T, H, D] -> [B, H, Tp, Dp], zero padded (zeros are exact: they add 0 to dots)."""
-    x = jnp.swapaxes(x, 1, 2)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, geom.seq_padded - geom.seq_len),
-                       (0, geom.head_dim_padded - geom.head_dim)))
+def _to_kernel_layout(x, geom: _Geometry, heads_major: bool):
+    """[B, T, H, D] -> the kernels' layout, zero padded to [.., Tp, .., Dp] where the tiles need it (zeros are
+    exact: they add 0 to dots). Token-major with nothing to pad, it is `x` itself: no copy."""
+    pad = ((0, 0), (0, geom.seq_padded - geom.seq_len), (0, 0), (0, geom.head_dim_padded - geom.head_dim))
+    if any(after for _, after in pad):
+        x = jnp.pad(x, pad)
+    return jnp.swapaxes(x, 1, 2) if heads_major else x
 
 
-def _from_kernel_layout(x, geom: _Geometry):
-    """[B, H, Tp, Dp] -> [B, T, H, D]."""
-    return jnp.swapaxes(x[:, :, :geom.seq_len, :geom.head_dim], 1, 2)
+def _from_kernel_layout(x, geom: _Geometry, heads_major: bool):
+    """The kernels' layout -> [B, T, H, D], the padding cut off."""
+    if heads_major:
+        x = jnp.swapaxes(x, 1, 2)
+    if (geom.seq_padded, geom.head_dim_padded) != (geom.seq_len, geom.head_dim):
+        x = x[:, :geom.seq_len, :, :geom.head_dim]
+    return x
 
 
 def _rows_to_kernel_layout(x, geom: _Geometry):
     """[B, H, T] -> [B, H, Tp, 1] (the trailing 1 keeps row statistics 2-D)."""
-    return jnp.pad(x, ((0, 0), (0, 0), (0, geom.seq_padded - geom.seq_len)))[..., None]
+    if geom.seq_padded != geom.seq_len:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, geom.seq_padded - geom.seq_len)))
+    return x[..., None]
+
+
+def _sum_groups(x, kv_heads: int):
+    """dK or dV per query head, [B, T, H, D] float32 -> summed over each K/V head's group, [B, T, KVH, D]."""
+    batch, seq, heads, head_dim = x.shape
+    return x.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim).sum(axis=3)
 
 
 def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed):
     """O [B, T, H, D] and lse [B, H, T] on one backend."""
     batch, seq_len, heads, head_dim = q.shape
     geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype)
-    qp, kp, vp = (_to_kernel_layout(x, geom) for x in (q, k, v))
+    specs = _Specs(backend.heads_major, heads // k.shape[2])
+    qp, kp, vp = (_to_kernel_layout(x, geom, backend.heads_major) for x in (q, k, v))
     bq, bk, dp = geom.block_q, geom.block_k, geom.head_dim_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
-    outs = [_rows_spec(bq, dp), _rows_spec(bq, 1)]
-    common = dict(name="flash_attention_forward", sizes=sizes, out_specs=outs, seed=seed,
-                  inputs=[qp, kp, vp],
+    common = dict(name="flash_attention_forward", sizes=sizes, out_specs=[specs.rows(bq, dp), specs.stats(bq)],
+                  seed=seed, inputs=[qp, kp, vp],
                   out_shapes=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
                               jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)])
     if backend.streamed:
@@ -755,27 +806,28 @@ def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed):
         o, lse = _pallas(
             backend, opts, functools.partial(_streamed_forward_kernel, **static),
             grid=(batch, heads, geom.num_q_blocks, geom.num_k_blocks),
-            in_specs=[_rows_spec(bq, dp), _rows_spec(bk, dp, keys), _rows_spec(bk, dp, keys)],
+            in_specs=[specs.rows(bq, dp), specs.kv_rows(bk, dp, keys), specs.kv_rows(bk, dp, keys)],
             scratch_shapes=[_vmem((bq, dp)), _vmem((bq, 1)), _vmem((bq, 1))], **common)
     else:
         o, lse = _pallas(
             backend, opts, functools.partial(_forward_kernel, **static),
             grid=(batch, heads, geom.num_q_blocks),
-            in_specs=[_rows_spec(bq, dp), _all_rows_spec(geom.seq_padded, dp),
-                      _all_rows_spec(geom.seq_padded, dp)], **common)
-    return _from_kernel_layout(o, geom), lse[:, :, :seq_len, 0]
+            in_specs=[specs.rows(bq, dp), specs.all_rows(geom.seq_padded, dp, kv=True),
+                      specs.all_rows(geom.seq_padded, dp, kv=True)], **common)
+    return _from_kernel_layout(o, geom, backend.heads_major), lse[:, :, :seq_len, 0]
 
 
-def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, seed,
+def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
              qp, kp, vp, dop, lsep, delta):
-    """dK, dV in kernel layout: per key block, over the query blocks that see it."""
+    """dK, dV in kernel layout, one per query head: per key block, over the query blocks that see it."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
+    # Grouped K/V heads: each query head's share comes out in float32 and XLA sums the group.
+    out_dtype = kp.dtype if specs.group == 1 else jnp.float32
     common = dict(name="flash_attention_dkdv", sizes=sizes, seed=seed,
                   inputs=[qp, kp, vp, dop, lsep, delta],
-                  out_shapes=[jax.ShapeDtypeStruct(kp.shape, kp.dtype),
-                              jax.ShapeDtypeStruct(vp.shape, vp.dtype)])
+                  out_shapes=[jax.ShapeDtypeStruct(qp.shape, out_dtype)] * 2)
     if backend.streamed:
         # Grid (B, H, nk, nq); query blocks outside [first, last] clamp to the range.
         last = _last_q_block(geom)
@@ -784,64 +836,69 @@ def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSiz
         keys = lambda b, h, j, i: j
         return _pallas(
             backend, opts, functools.partial(_streamed_dkdv_kernel, **static),
-            grid=(qp.shape[0], qp.shape[1], geom.num_k_blocks, geom.num_q_blocks),
-            in_specs=[_rows_spec(bq, dp, queries), _rows_spec(bk, dp, keys),
-                      _rows_spec(bk, dp, keys), _rows_spec(bq, dp, queries),
-                      _rows_spec(bq, 1, queries), _rows_spec(bq, 1, queries)],
-            out_specs=[_rows_spec(bk, dp, keys), _rows_spec(bk, dp, keys)],
+            grid=(qp.shape[0], lsep.shape[1], geom.num_k_blocks, geom.num_q_blocks),
+            in_specs=[specs.rows(bq, dp, queries), specs.kv_rows(bk, dp, keys),
+                      specs.kv_rows(bk, dp, keys), specs.rows(bq, dp, queries),
+                      specs.stats(bq, queries), specs.stats(bq, queries)],
+            out_specs=[specs.rows(bk, dp, keys), specs.rows(bk, dp, keys)],
             scratch_shapes=[_vmem((bk, dp)), _vmem((bk, dp))], **common)
     return _pallas(
         backend, opts, functools.partial(_dkdv_kernel, **static),
-        grid=(qp.shape[0], qp.shape[1], geom.num_k_blocks),
-        in_specs=[_all_rows_spec(tp, dp), _rows_spec(bk, dp), _rows_spec(bk, dp),
-                  _all_rows_spec(tp, dp), _all_rows_spec(tp, 1), _all_rows_spec(tp, 1)],
-        out_specs=[_rows_spec(bk, dp), _rows_spec(bk, dp)], **common)
+        grid=(qp.shape[0], lsep.shape[1], geom.num_k_blocks),
+        in_specs=[specs.all_rows(tp, dp), specs.kv_rows(bk, dp), specs.kv_rows(bk, dp),
+                  specs.all_rows(tp, dp), specs.all_stats(tp), specs.all_stats(tp)],
+        out_specs=[specs.rows(bk, dp), specs.rows(bk, dp)], **common)
 
 
-def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, seed,
+def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
            qp, kp, vp, dop, lsep, delta):
     """dQ in kernel layout: per query block, over the key blocks it sees (like the forward)."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
-    rows = [_rows_spec(bq, dp), _rows_spec(bq, 1), _rows_spec(bq, 1)]  # do, lse, delta
+    rows = [specs.rows(bq, dp), specs.stats(bq), specs.stats(bq)]  # do, lse, delta
     common = dict(name="flash_attention_dq", sizes=sizes, seed=seed,
-                  inputs=[qp, kp, vp, dop, lsep, delta], out_specs=[_rows_spec(bq, dp)],
+                  inputs=[qp, kp, vp, dop, lsep, delta], out_specs=[specs.rows(bq, dp)],
                   out_shapes=[jax.ShapeDtypeStruct(qp.shape, qp.dtype)])
     if backend.streamed:
         keys = lambda b, h, i, j: jnp.minimum(j, _last_k_block(i, opts.causal, geom))
         (dq,) = _pallas(
             backend, opts, functools.partial(_streamed_dq_kernel, **static),
-            grid=(qp.shape[0], qp.shape[1], geom.num_q_blocks, geom.num_k_blocks),
-            in_specs=[_rows_spec(bq, dp), _rows_spec(bk, dp, keys), _rows_spec(bk, dp, keys),
-                      *rows],
+            grid=(qp.shape[0], lsep.shape[1], geom.num_q_blocks, geom.num_k_blocks),
+            in_specs=[specs.rows(bq, dp), specs.kv_rows(bk, dp, keys), specs.kv_rows(bk, dp, keys), *rows],
             scratch_shapes=[_vmem((bq, dp))], **common)
     else:
         (dq,) = _pallas(
             backend, opts, functools.partial(_dq_kernel, **static),
-            grid=(qp.shape[0], qp.shape[1], geom.num_q_blocks),
-            in_specs=[_rows_spec(bq, dp), _all_rows_spec(tp, dp), _all_rows_spec(tp, dp), *rows],
+            grid=(qp.shape[0], lsep.shape[1], geom.num_q_blocks),
+            in_specs=[specs.rows(bq, dp), specs.all_rows(tp, dp, kv=True), specs.all_rows(tp, dp, kv=True),
+                      *rows],
             **common)
     return dq
 
 
 def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, o, lse, do):
-    """(dQ, dK, dV), each [B, T, H, D], on one backend."""
+    """(dQ [B, T, H, D], dK, dV [B, T, KVH, D]) on one backend."""
     batch, seq_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
     geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype)
-    qp, kp, vp, op, dop = (_to_kernel_layout(x, geom) for x in (q, k, v, o, do))
+    specs = _Specs(backend.heads_major, heads // kv_heads)
+    qp, kp, vp, op, dop = (_to_kernel_layout(x, geom, backend.heads_major) for x in (q, k, v, o, do))
     lsep = _rows_to_kernel_layout(lse, geom)
     bq, dp = geom.block_q, geom.head_dim_padded
     (delta,) = _pallas(
         backend, opts, _delta_kernel, name="flash_attention_delta",
         grid=(batch, heads, geom.num_q_blocks), sizes=sizes,
-        in_specs=[_rows_spec(bq, dp), _rows_spec(bq, dp)], out_specs=[_rows_spec(bq, 1)],
+        in_specs=[specs.rows(bq, dp), specs.rows(bq, dp)], out_specs=[specs.stats(bq)],
         out_shapes=[jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)],
         inputs=[op, dop])
-    args = (backend, opts, geom, sizes, seed, qp, kp, vp, dop, lsep, delta)
+    args = (backend, opts, geom, sizes, specs, seed, qp, kp, vp, dop, lsep, delta)
     dk, dv = _dkdv_on(*args)
     dq = _dq_on(*args)
-    return tuple(_from_kernel_layout(x, geom) for x in (dq, dk, dv))
+    dq, dk, dv = (_from_kernel_layout(x, geom, backend.heads_major) for x in (dq, dk, dv))
+    if kv_heads != heads:
+        dk, dv = (_sum_groups(x, kv_heads).astype(k.dtype) for x in (dk, dv))
+    return dq, dk, dv
 
 
 def _per_platform(opts: _Options, fn: Callable, *args):
@@ -892,8 +949,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(
     q: Float[Array, "batch q_len heads head_dim"],
-    k: Float[Array, "batch kv_len heads head_dim"],
-    v: Float[Array, "batch kv_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
     *,
     causal: bool = True,
     sm_scale: float | None = None,
@@ -908,9 +965,12 @@ def flash_attention(
     """softmax(q k^T * sm_scale [+ causal mask]) v as a fused Pallas kernel, differentiable.
 
     Args:
-      q, k, v: `[batch, seq, heads, head_dim]`, one floating dtype (float32 or
-        bfloat16; accumulation is float32, the output has the input dtype).
-        Any seq length and head_dim (padded inside; padding is masked or zero).
+      q: `[batch, seq, heads, head_dim]`; k, v: `[batch, seq, kv_heads, head_dim]`,
+        kv_heads dividing heads (grouped-query attention: query head h reads K/V
+        head h // (heads // kv_heads); kv_heads == heads is multi-head attention).
+        One floating dtype (float32 or bfloat16; accumulation is float32, the
+        output has the input dtype). Any seq length and head_dim (padded inside
+        only where the tiles need it; padding is masked or zero).
       causal: mask keys after the query position.
       sm_scale: score scale, default `1/sqrt(head_dim)`.
       dropout_rate: attention-dropout rate in [0, 1); bit-compatible with
@@ -932,7 +992,11 @@ def flash_attention(
     """
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
-    chex.assert_equal_shape([q, k], dims=(0, 2, 3))
+    chex.assert_equal_shape([q, k], dims=(0, 3))
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"flash_attention: k and v have {k.shape[2]} heads, which does not divide the {q.shape[2]} "
+                         "query heads (grouped-query attention shares each K/V head among heads // kv_heads "
+                         "query heads): use a kv_heads that divides heads")
     chex.assert_type([q, k, v], q.dtype)
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise TypeError(f"flash_attention needs floating inputs, got {q.dtype}")

@@ -230,7 +230,7 @@ def test_poison_catches_unwritten_output():
             o_ref[...] = x_ref[...]
 
     x = jnp.ones((1, 1, 16, 16), jnp.float32)
-    spec = fa._rows_spec(8, 16)
+    spec = fa._Specs(heads_major=True).rows(8, 16)  # x is [B, H, T, D]
     (out,) = jax.jit(lambda x: fa._pallas(
         fa._INTERPRET, opts, lazy_kernel, name="lazy", grid=(1, 1, 2), sizes=fa.BlockSizes(8, 8),
         in_specs=[spec], out_specs=[spec], out_shapes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
