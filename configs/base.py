@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.attention_impl = "reference"  # 'reference' | 'blocked' (fastest on CPU) | 'xla' | 'cudnn' (GPU) | 'pallas'
     c.check_attention = False  # run the reference beside attention_impl and chex-compare
     c.remat = "none"  # 'none' | 'block' (recompute each block in the backward pass) | 'dots' (keep matmul outputs)
+    c.loss_chunk_tokens = 0  # lm_head + cross-entropy over chunks of this many tokens (0: chunks of <= 2^27 logits)
     # AdamW
     c.learning_rate = 6e-4
     c.max_iters = 600000
@@ -63,9 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.wsd_decay_shape = "linear"  # wsd: 'linear' | '1-sqrt'
     # system
     c.seed = 1337
-    c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    c.dtype = "auto"  # compute dtype: 'auto' (bfloat16 on a GPU/TPU, float32 on the CPU) | 'float32' | 'bfloat16'
+    # (params stay float32)
     c.fsdp = False  # several devices: shard params + optimizer state over them (ZeRO-3), not replicate
-    c.peak_flops = 0.0  # for MFU; 0: measure this device's float32 matmul rate at start-up
+    c.peak_flops = 0.0  # per device, for MFU; 0: the datasheet's dense peak for the device and dtype, else measured
     c.profile_steps = ""  # 'START,STOP': a jax.profiler trace of those steps in out_dir/profile
     c.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over prefetched batches)
     c.target = ""  # --mode=check only: compile for hardware that is not here, e.g. 'h100x8', 'tpu-v5e:2x4'

@@ -1,4 +1,5 @@
-"""What `python launch.py` runs with no --config: shakespeare_char on a GPU/TPU, its CPU recipe otherwise.
+"""What `python launch.py` runs with no --config: shakespeare_char on a GPU/TPU (bfloat16, as dtype=auto picks
+there, and the Pallas kernel), its CPU recipe otherwise.
 
 The platform is told from JAX_PLATFORMS and the device files, not by asking JAX: this file loads
 while the flags are parsed, before `jax.distributed.initialize`, which must come before anything
@@ -16,5 +17,6 @@ def get_config():
         c.config_name = "shakespeare_char_cpu (default: no GPU/TPU found)"
     else:
         c = shakespeare_char.get_config()
+        c.attention_impl = "pallas"  # the fused kernel (with attention dropout, which cuDNN's lacks)
         c.config_name = f"shakespeare_char (default: {platform} found)"
     return c

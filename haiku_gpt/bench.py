@@ -5,6 +5,7 @@
   python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=attention [--plot]
   python -m haiku_gpt.bench --what=kernels [--targets=h100,tpu-v5e] (compile matrix; needs the aot extra)
   python -m haiku_gpt.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=checkpoint
+  python -m haiku_gpt.bench --what=gpu [--nanogpt_dir=DIR] (a GPU: kernels, gpt2_124m, char quick start, trace)
 
 Each prints a table and writes JSON (--json_out, default bench-results/<what>.json).
 Times are medians after warm-up; compilation is reported separately. This is a
@@ -31,12 +32,15 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from haiku_gpt import costs  # noqa: E402
+from haiku_gpt.config import resolved  # noqa: E402
+from haiku_gpt import gpu_bench  # noqa: E402
 from haiku_gpt.sample import generate_tokens  # noqa: E402
 from haiku_gpt.steps import make_steps  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
-_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels", "checkpoint"],
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels", "checkpoint",
+                                           "gpu"],
                           "What to benchmark.")
 _TARGETS = flags.DEFINE_list("targets", ["a100", "h100", "tpu-v4:1x1x1", "tpu-v5e:1x1", "tpu-v5p:1x1x1",
                                          "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.targets).")
@@ -91,8 +95,8 @@ def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
     dt = statistics.median(times[-calls:])
     tokens = costs.tokens_per_step(config)
     flops = costs.flops_per_step(config, steps.model_config)
-    peak = config.peak_flops or costs.measure_peak_flops()
-    return {"config": config.config_name, "steps_per_call": k, "ms_per_iter": dt * 1e3,
+    peak, _ = costs.peak_flops(config.peak_flops, config.dtype)
+    return {"config": config.config_name, "dtype": config.dtype, "steps_per_call": k, "ms_per_iter": dt * 1e3,
             "tokens_per_sec": tokens / dt, "mfu": costs.mfu(flops, dt, peak), "peak_gflops": peak / 1e9,
             "first_call_s": compile_s, "n_params": n_params}
 
@@ -238,27 +242,6 @@ def bench_attention(config, seqs, impls, iters: int, max_interpret_seq: int) -> 
             "interpret_mode": on_cpu}
 
 
-def _nanogpt_data_dir(nanogpt_dir: str, config) -> None:
-    """nanoGPT reads data/<dataset>/{train,val}.bin and meta.pkl from its cwd: link ours there."""
-    import pickle  # noqa: PLC0415
-
-    from haiku_gpt.tokenizer import read_meta  # noqa: PLC0415
-
-    ours = os.path.abspath(os.path.join(config.data_dir, config.dataset))
-    theirs = os.path.join(nanogpt_dir, "data", config.dataset)
-    os.makedirs(theirs, exist_ok=True)
-    for split in ("train", "val"):
-        link = os.path.join(theirs, f"{split}.bin")
-        if not os.path.exists(link):
-            os.symlink(os.path.join(ours, f"{split}.bin"), link)
-    meta = read_meta(ours)
-    if meta["tokenizer"] == "char" and not os.path.exists(os.path.join(theirs, "meta.pkl")):
-        itos = dict(enumerate(meta["itos"]))
-        with open(os.path.join(theirs, "meta.pkl"), "wb") as f:
-            pickle.dump({"vocab_size": meta["vocab_size"], "itos": itos,
-                         "stoi": {c: i for i, c in itos.items()}}, f)
-
-
 def _run_nanogpt(nanogpt_dir: str, config, iters: int, env_extra: dict) -> float:
     """Median ms/iter of nanoGPT's train.py with the config's settings (first 5 iterations dropped)."""
     import re  # noqa: PLC0415
@@ -289,7 +272,7 @@ def bench_nanogpt(config, nanogpt_dir: str, iters: int, rounds: int) -> dict:
     import subprocess  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
-    _nanogpt_data_dir(nanogpt_dir, config)
+    gpu_bench.nanogpt_data_dir(nanogpt_dir, config)
     overrides = [f"--config.{k}={config[k]}" for k in ("data_dir", "dataset", "batch_size", "block_size",
                                                         "n_layer", "n_head", "n_embd", "dropout", "dtype",
                                                         "attention_impl", "steps_per_call", "cpu_matmul_library")]
@@ -366,11 +349,11 @@ def _plot_attention(result: dict, path: str) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
+    config = resolved(_CONFIG.value)  # --config.dtype=auto: this machine's choice
     what = _WHAT.value
     if what == "train":
         result = bench_train(config, _ITERS.value, _WARMUP.value, _VOCAB.value)
-        print(f"train {result['config']}: {result['ms_per_iter']:.2f} ms/iter (median), "
+        print(f"train {result['config']} ({result['dtype']}): {result['ms_per_iter']:.2f} ms/iter (median), "
               f"{result['tokens_per_sec']:,.0f} tok/s, MFU {result['mfu'] * 100:.1f}% of "
               f"{result['peak_gflops']:.0f} GFLOP/s, first call {result['first_call_s']:.2f} s, "
               f"{result['steps_per_call']} steps per call")
@@ -394,6 +377,12 @@ def main(argv):
               f"{med['nanogpt_allocator_tuned']:.2f} ({result['speedup_vs_nanogpt_allocator_tuned']:.2f}x)")
     elif what == "kernels":
         result = bench_kernels()
+    elif what == "gpu":
+        if jax.default_backend() != "gpu":
+            raise app.UsageError(f"--what=gpu measures an NVIDIA GPU, and this machine runs JAX on "
+                                 f"{jax.default_backend()}: run it where `pip install -e '.[cuda]'` found a GPU")
+        out_dir = os.path.dirname(_JSON.value) if _JSON.value else "bench-results"
+        result = gpu_bench.run(_NANOGPT.value, config.data_dir, out_dir)
     elif what == "checkpoint":
         result = bench_checkpoint(config, _VOCAB.value, _ROUNDS.value, os.path.join("bench-results", "checkpoints"))
         print(f"checkpoint of {result['config']} ({result['state_gb']:.2f} GB of state), median of "

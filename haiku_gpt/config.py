@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -15,7 +16,7 @@ from kernels import ATTENTION_IMPLS, check_attention_impl
 LR_SCHEDULES = ("cosine", "wsd", "constant")  # optimizer.lr_schedule
 WSD_DECAY_SHAPES = ("linear", "1-sqrt")
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU or TPU, float32 on the CPU (nanoGPT's choice)
 INIT_FROM = ("scratch", "resume")
 # OpenAI's GPT-2 checkpoints on the Hugging Face Hub (haiku_gpt/pretrained.py); a local directory works too.
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -42,8 +43,19 @@ def padded_vocab_size(meta: dict, requested: int = 0) -> int:
 
 def _platform(config: ml_collections.ConfigDict) -> str | None:
     """The platform the run compiles for, where it matters (cuDNN attention): the target's, or this one's."""
-    if config.attention_impl != "cudnn":
-        return None
+    return run_platform(config) if config.attention_impl == "cudnn" else None
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+    """--config.dtype=auto -> 'bfloat16' on a GPU or TPU (as nanoGPT picks bfloat16 where the GPU has it),
+    'float32' on the CPU, whose XLA backend runs bfloat16 matmuls no faster."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def run_platform(config: ml_collections.ConfigDict) -> str:
+    """'cpu', 'gpu' or 'tpu': what the run compiles for, --config.target's platform or this process's backend."""
     if config.target:
         from haiku_gpt import targets  # noqa: PLC0415
 
@@ -51,9 +63,19 @@ def _platform(config: ml_collections.ConfigDict) -> str | None:
             return targets.parse_target(config.target).platform
         except ValueError as e:
             raise UserError(str(e)) from None
-    import jax  # noqa: PLC0415 (validation runs after jax.distributed.initialize)
+    import jax  # noqa: PLC0415 (after jax.distributed.initialize)
 
-    return jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with its automatic choices made for the run's platform (dtype=auto): a copy, or `config` itself
+    when nothing is automatic. What every mode and the logs then see."""
+    if config.dtype != "auto":
+        return config
+    config = copy.deepcopy(config)
+    config.dtype = resolve_dtype("auto", run_platform(config))
+    return config
 
 
 def profile_window(value: str) -> tuple[int, int] | None:
@@ -85,13 +107,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"n_embd // n_head channels, so pick e.g. --config.n_head={_divisor_near(config.n_embd, config.n_head)}.")
     if not 0.0 <= config.dropout < 1.0:
         bad(f"--config.dropout={config.dropout} must be in [0, 1).")
+    if config.dtype not in DTYPES:
+        bad(f"--config.dtype={config.dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+    config = resolved(config)  # dtype=auto: the run's
     try:
         check_attention_impl(config.attention_impl, config.dropout, platform=_platform(config),
                              dtype=config.dtype)
     except ValueError as e:
         bad(f"{e}.")
-    if config.dtype not in DTYPES:
-        bad(f"--config.dtype={config.dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     if config.init_from not in INIT_FROM + GPT2_NAMES and not os.path.isdir(os.path.expanduser(config.init_from)):
         bad(f"--config.init_from={config.init_from!r} is not one of {', '.join(INIT_FROM + GPT2_NAMES)}, nor a "
             "directory holding a pretrained GPT-2 (config.json and model.safetensors).")
@@ -119,6 +142,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.remat not in REMAT_POLICIES:
         bad(f"--config.remat={config.remat!r} is not one of {', '.join(REMAT_POLICIES)}: 'block' recomputes each "
             "transformer block in the backward pass, 'dots' keeps only its matmul outputs.")
+    tokens = config.batch_size * config.block_size
+    if config.loss_chunk_tokens < 0 or (config.loss_chunk_tokens and tokens % config.loss_chunk_tokens):
+        bad(f"--config.loss_chunk_tokens={config.loss_chunk_tokens} must divide the {tokens} tokens of a batch "
+            f"(batch_size x block_size), e.g. {tokens // 8 if tokens % 8 == 0 else tokens}; 0 chooses chunks of at "
+            "most 2^27 logits.")
     if config.keep_checkpoints < 1:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:
@@ -156,7 +184,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfi
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
-        attention_impl=config.attention_impl, check_attention=config.check_attention, remat=config.remat)
+        attention_impl=config.attention_impl, check_attention=config.check_attention, remat=config.remat,
+        loss_chunk_tokens=config.loss_chunk_tokens)
 
 
 def _divisor_near(n: int, target: int) -> int:

@@ -7,6 +7,7 @@ call these functions (nanoGPT's `get_num_params` and `estimate_mfu`, written for
 
 from __future__ import annotations
 
+import re
 import time
 
 import ml_collections
@@ -47,12 +48,55 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float) -> fl
     return flops_per_step / seconds_per_step / peak_flops
 
 
-def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """This device's float32 matmul rate (FLOP/s), the yardstick for MFU when none is configured."""
+# Dense peak FLOP/s per device (no sparsity), from the vendors' datasheets: (device_kind pattern, lowercase,
+# first match wins; bfloat16; float32). A float32 run's matmuls run at XLA's default precision: TF32 on
+# NVIDIA's tensor cores, single bfloat16 passes on a TPU's MXU, so those are its peaks. A TPU v4 device is
+# one chip (its two TensorCores as one megacore).
+PEAK_FLOPS = (
+    (r"h100 pcie", 756.5e12, 378e12),
+    (r"h100 nvl", 835.5e12, 417.5e12),
+    (r"h200 nvl", 835.5e12, 417.5e12),
+    (r"h100|h200|gh200|h800", 989.4e12, 494.7e12),  # SXM: "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    (r"a100|a800", 312e12, 156e12),  # SXM4 and PCIe alike
+    (r"\bl4\b", 121e12, 60e12),
+    (r"tpu v4", 275e12, 275e12),
+    (r"tpu v5 lite|tpu v5e", 197e12, 197e12),
+    (r"tpu v5", 459e12, 459e12),  # v5p: "TPU v5" / "TPU v5p"
+    (r"tpu v6 lite|tpu v6e|tpu v6", 918e12, 918e12),
+)
+
+
+def datasheet_peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The dense peak FLOP/s of one device of `device_kind` (jax.devices()[0].device_kind) computing in
+    `dtype`, or None for a kind the table does not know (a CPU, say)."""
+    kind = device_kind.lower()
+    for pattern, bf16, f32 in PEAK_FLOPS:
+        if re.search(pattern, kind):
+            return bf16 if dtype == "bfloat16" else f32
+    return None
+
+
+def peak_flops(configured: float, dtype: str) -> tuple[float, str]:
+    """(FLOP/s of one device, where the number came from), the denominator of MFU: `configured`
+    (--config.peak_flops) when set, else the datasheet's peak for this device kind and `dtype`, else
+    (the CPU, an unknown accelerator) a measured `dtype` matmul."""
+    if configured:
+        return configured, "configured"
+    import jax  # noqa: PLC0415
+
+    kind = jax.devices()[0].device_kind
+    peak = datasheet_peak_flops(kind, dtype)
+    if peak is not None:
+        return peak, f"{kind} datasheet, dense {dtype}"
+    return measure_peak_flops(dtype), f"measured {dtype} matmul"
+
+
+def measure_peak_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+    """This device's matmul rate in `dtype` (FLOP/s): the yardstick for MFU on a device of unknown peak."""
     import jax  # noqa: PLC0415 (measured only when asked: it runs on the device)
     import jax.numpy as jnp  # noqa: PLC0415
 
-    a = jnp.ones((size, size), jnp.float32)
+    a = jnp.ones((size, size), jnp.dtype(dtype))
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     best = float("inf")

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
+from typing import Any, Callable
 
 import numpy as np
 from jaxtyping import Int
@@ -88,3 +91,53 @@ def train_batches(tokens: np.ndarray, seed: int, step: int, k: int, batch_shape:
     xs, ys = zip(*(sample_batch(tokens, batch_rng(seed, "train", step + i), batch_shape, block_size, rows=rows)
                    for i in range(k)))
     return np.stack(xs), np.stack(ys)
+
+
+class BatchPrefetcher:
+    """The training batches of the coming calls, drawn and put on the device by a background thread.
+
+    The loop asks for the batches of the call that starts at `step`; the thread has drawn them (numpy, from the
+    memory-mapped tokens) and started their transfer (`put`) while the device ran the calls before, so the
+    loop's own host work per step is a queue read and the step's dispatch. The calls' lengths follow
+    `steps_in_call(step)` (steps_per_call, or fewer before an evaluation), so the thread walks the same steps
+    as the loop, up to `max_steps`; `depth` calls are kept ready. Batches depend only on (seed, step), so
+    prefetching changes no number. A context manager: leaving it stops the thread.
+    """
+
+    def __init__(self, make: Callable[[int, int], Any], steps_in_call: Callable[[int], int], start: int,
+                 max_steps: int, depth: int = 2):
+        self._make, self._steps_in_call, self._max_steps = make, steps_in_call, max_steps
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start,), name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, step: int) -> None:
+        while step < self._max_steps and not self._stop.is_set():
+            k = self._steps_in_call(step)
+            try:
+                item = (step, k, self._make(step, k))
+            except BaseException as e:  # noqa: BLE001 (handed to the loop, which raises it)
+                item = (step, k, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            step += k
+
+    def get(self, step: int, k: int):
+        """The batches of the call of `k` steps from `step` (the call the loop is about to dispatch)."""
+        got_step, got_k, batches = self._queue.get()
+        if isinstance(batches, BaseException):
+            raise batches
+        assert (got_step, got_k) == (step, k), f"prefetched steps {got_step}+{got_k}, the loop is at {step}+{k}"
+        return batches
+
+    def __enter__(self) -> BatchPrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -15,7 +15,7 @@ from typing import Callable
 import ml_collections
 
 from haiku_gpt import checkpoint, distributed, pretrained
-from haiku_gpt.config import model_config, padded_vocab_size, validate
+from haiku_gpt.config import model_config, padded_vocab_size, resolved, validate
 from haiku_gpt.data import Dataset, open_dataset
 from haiku_gpt.model import GPTConfig
 from haiku_gpt.steps import Steps, TrainingState, make_steps
@@ -71,6 +71,7 @@ def setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
     instead of a dataset.
     """
     validate(config)
+    config = resolved(config)  # --config.dtype=auto: bfloat16 on a GPU/TPU, float32 on the CPU
     if not distributed.is_main_process():
         log = distributed.quiet_log
     config = pretrained.effective_config(config, log)  # init_from=gpt2*: the checkpoint's model shape

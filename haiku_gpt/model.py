@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 import kernels
+from haiku_gpt.loss import chunked_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class GPTConfig:
     attention_impl: str = "reference"
     check_attention: bool = False
     remat: str = "none"  # REMAT_POLICIES: what the backward pass recomputes instead of storing
+    loss_chunk_tokens: int = 0  # tokens per lm_head + cross-entropy chunk (haiku_gpt/loss.py); 0: automatic
 
     @property
     def head_dim(self) -> int:
@@ -89,6 +91,21 @@ def _dropout(x: Array, rate: float, is_training: bool) -> Array:
         keep = kernels.element_keep_mask(seed, x.shape, rate)
         return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
     return x
+
+
+# Vocabularies up to this size are looked up as a one-hot matmul. A gather's gradient is a scatter-add into
+# the table, and with few rows (65 characters) every token's add collides on the same rows: on a GPU those
+# atomics serialise (measured on an H200, bf16 shakespeare_char: 25.7 of a step's 30.9 ms of GPU time). The
+# one-hot form's gradient is a GEMM, one_hot^T @ dx, and costs 2 N V C FLOPs: nothing at this size.
+ONE_HOT_MAX_VOCAB = 1024
+
+
+def _embed(table: Float[Array, "V C"], idx: Int[Array, "B T"]) -> Float[Array, "B T C"]:
+    """Rows `idx` of `table`, exactly (the one-hot matmul at full precision: 1.0 x value, plus zeros)."""
+    if table.shape[0] > ONE_HOT_MAX_VOCAB:
+        return jnp.take(table, idx, axis=0)
+    one_hot = jax.nn.one_hot(idx, table.shape[0], dtype=table.dtype)
+    return jnp.dot(one_hot, table, precision=jax.lax.Precision.HIGHEST)
 
 
 LAYER_NORM_EPS = 1e-5  # nanoGPT's and GPT-2's (Hugging Face's layer_norm_epsilon)
@@ -185,21 +202,22 @@ class GPT(hk.Module):
         super().__init__(name=name)
         self.config = config
 
-    def __call__(
+    @hk.experimental.name_like("__call__")  # the parameters keep __call__'s names (gpt/wte, gpt/h_0/...)
+    def features(
         self,
         idx: Int[Array, "B T"],
         is_training: bool = False,
         cache: KVCache | None = None,
         start: Int[Array, ""] | int = 0,
-    ) -> tuple[Float[Array, "B T V"], KVCache | None]:
-        """Logits for every position; with `cache`, the tokens sit at positions start..start+T-1."""
+    ) -> tuple[Float[Array, "N C"], Float[Array, "V C"], KVCache | None]:
+        """The final LayerNorm's output for every position, the (tied) token embedding, the cache."""
         cfg = self.config
         batch_size, seq = idx.shape
         chex.assert_rank(idx, 2)
         wte = hk.Embed(cfg.vocab_size, cfg.n_embd, w_init=_normal(0.02), name="wte")
         wpe = hk.get_parameter("wpe", [cfg.block_size, cfg.n_embd], init=_normal(0.02))
         positions = jnp.arange(seq) + start
-        x = wte(idx) + jnp.take(wpe, positions, axis=0)[None]
+        x = _embed(wte.embeddings, idx) + jax.lax.dynamic_slice_in_dim(wpe, start, seq)[None]
         x = _dropout(x, cfg.dropout, is_training).reshape(batch_size * seq, cfg.n_embd)
 
         for i in range(cfg.n_layer):  # unrolled: faster than hk.layer_stack on CPU
@@ -209,11 +227,27 @@ class GPT(hk.Module):
             else:
                 x = hk.remat(lambda h, p: block(h, batch_size, is_training, None, i, p)[0],
                              policy=REMAT_POLICIES[cfg.remat])(x, positions)
-        x = _layer_norm(cfg.bias, "ln_f")(x)
+        return _layer_norm(cfg.bias, "ln_f")(x), wte.embeddings, cache
+
+    def __call__(
+        self,
+        idx: Int[Array, "B T"],
+        is_training: bool = False,
+        cache: KVCache | None = None,
+        start: Int[Array, ""] | int = 0,
+    ) -> tuple[Float[Array, "B T V"], KVCache | None]:
+        """Logits for every position; with `cache`, the tokens sit at positions start..start+T-1."""
+        x, embeddings, cache = self.features(idx, is_training, cache, start)
         # Tied lm_head: logits against the token embedding, accumulated in float32.
-        logits = jnp.dot(x, wte.embeddings.T.astype(x.dtype), preferred_element_type=jnp.float32)
-        logits = logits.reshape(batch_size, seq, cfg.vocab_size)
-        return logits, cache
+        logits = jnp.dot(x, embeddings.T.astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits.reshape(*idx.shape, self.config.vocab_size), cache
+
+    @hk.experimental.name_like("__call__")
+    def loss(self, idx: Int[Array, "B T"], targets: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
+        """Mean next-token cross-entropy, through the chunked lm_head (haiku_gpt/loss.py): the [B T, V]
+        logits never exist at once, and their GEMMs run in the compute dtype."""
+        x, embeddings, _ = self.features(idx, is_training)
+        return chunked_cross_entropy(x, embeddings, targets.reshape(-1), self.config.loss_chunk_tokens)
 
 
 def mask_padding(logits: Float[Array, "... V"], valid_vocab: int) -> Float[Array, "... V"]:
@@ -225,9 +259,13 @@ def mask_padding(logits: Float[Array, "... V"], valid_vocab: int) -> Float[Array
 
 
 def make_model(config: GPTConfig) -> hk.Transformed:
-    """`init(rng, idx)` / `apply(params, rng, idx, is_training, cache, start)` for the GPT."""
+    """`init(rng, idx)` / `apply(params, rng, idx, is_training, cache, start)` -> (logits, cache) for the GPT;
+    `apply(params, rng, idx, is_training, targets=targets)` -> the mean cross-entropy loss (nanoGPT's
+    `model(idx, targets)`)."""
 
-    def forward(idx, is_training=False, cache=None, start=0):
+    def forward(idx, is_training=False, cache=None, start=0, targets=None):
+        if targets is not None:  # training and evaluation: the loss, never the whole logits
+            return GPT(config).loss(idx, targets, is_training)
         return GPT(config)(idx, is_training, cache, start)
 
     return hk.transform(forward)

@@ -12,6 +12,7 @@ import signal
 import ml_collections
 
 from haiku_gpt import distributed, evaluate, export, preflight, prepare, pretrained, sample, train
+from haiku_gpt.config import resolved
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup
 
@@ -19,8 +20,12 @@ from haiku_gpt.experiment import setup
 def run(mode: str, config: ml_collections.ConfigDict) -> int:
     """Run `mode`; returns the process's exit code (128 + the signal when a signal stopped training).
     Bad input raises UserError, whose message launch.py prints as one paragraph."""
+    chosen = resolved(config)  # --config.dtype=auto: bfloat16 on a GPU/TPU, float32 on the CPU
     if distributed.is_main_process():  # several processes: only process 0 prints
-        print(f"config: {config.config_name}; mode: {mode}", flush=True)
+        auto = " (auto)" if chosen.dtype != config.dtype else ""
+        print(f"config: {config.config_name}; mode: {mode}; {_devices(config)}; dtype {chosen.dtype}{auto}; "
+              f"attention {config.attention_impl}", flush=True)
+    config = chosen
     if config.target and mode != "check":
         raise UserError(f"--config.target={config.target} compiles for hardware that is not here, so it "
                         f"works only with --mode=check (not --mode={mode}); drop it to {mode} on this machine.")
@@ -45,6 +50,15 @@ def run(mode: str, config: ml_collections.ConfigDict) -> int:
         if summary.get("interrupted"):
             return 128 + int(getattr(signal.Signals, str(summary["interrupted"]), signal.SIGINT))
     return 0
+
+
+def _devices(config: ml_collections.ConfigDict) -> str:
+    """What the run runs on, for the first line: '1 x NVIDIA H200 (gpu)', or the compile-only target."""
+    if config.target:
+        return f"compiling for {config.target}"
+    import jax  # noqa: PLC0415
+
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
 
 
 def needs_dataset(mode: str, config: ml_collections.ConfigDict) -> bool:

@@ -24,7 +24,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from haiku_gpt import distributed, system
-from haiku_gpt.config import model_config
+from haiku_gpt.config import model_config, resolve_dtype
 from haiku_gpt.model import GPTConfig, make_model
 from haiku_gpt.optimizer import lr_schedule, make_optimizer
 
@@ -81,9 +81,10 @@ class Steps:
         return None if self.parallel is None else self.parallel.local_rows(self.config.batch_size)
 
     def shard_batch(self, *arrays: np.ndarray):
-        """This process's rows [..., local, T] -> global arrays [..., batch_size, T] (as is on one device)."""
+        """This process's rows [..., local, T] -> global device arrays [..., batch_size, T] (on one device: put
+        there, the transfer started and not waited for)."""
         if self.parallel is None:
-            return arrays
+            return tuple(jax.device_put(arrays))
         return tuple(self.parallel.global_batch(a, self.config.batch_size) for a in arrays)
 
     def traceable(self) -> Steps:
@@ -96,24 +97,30 @@ class Steps:
         return make_steps(config, self.model_config.vocab_size, self.mesh)
 
 
+def _in_compute_dtype(params, dtype: str):
+    """Mixed precision: float32 master params, computed with in `dtype` (bfloat16 casts them once per step)."""
+    dtype = resolve_dtype(dtype, jax.default_backend())  # 'auto' from a config that setup() did not resolve
+    if dtype == "float32":
+        return params
+    return jax.tree.map(lambda p: p.astype(jnp.dtype(dtype)), params)
+
+
 def make_logits_fn(model: hk.Transformed, dtype: str) -> Callable:
     """(params, rng, x, is_training) -> float32 logits, computed in `dtype` as the train step computes them."""
-    compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
 
     def logits_fn(params, rng, x: Int[Array, "B T"], is_training: bool) -> Float[Array, "B T V"]:
-        if compute_dtype != jnp.float32:  # mixed precision: float32 master params, low-precision compute
-            params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-        logits, _ = model.apply(params, rng, x, is_training)
+        logits, _ = model.apply(_in_compute_dtype(params, dtype), rng, x, is_training)
         return logits.astype(jnp.float32)
 
     return logits_fn
 
 
 def make_loss_fn(model: hk.Transformed, dtype: str) -> Callable:
-    logits_fn = make_logits_fn(model, dtype)
+    """(params, rng, x, y, is_training) -> the mean cross-entropy, computed in `dtype` through the chunked lm_head
+    (haiku_gpt/loss.py: in a bfloat16 run its GEMMs take bfloat16 operands, and no [B T, V] logits exist)."""
 
     def loss_fn(params, rng, x: Int[Array, "B T"], y: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
-        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, rng, x, is_training), y).mean()
+        return model.apply(_in_compute_dtype(params, dtype), rng, x, is_training, targets=y)
 
     return loss_fn
 
@@ -148,7 +155,8 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
     model = make_model(mcfg)
     optimizer = make_optimizer(config)
     schedule = lr_schedule(config)
-    loss_fn = make_loss_fn(model, config.dtype)
+    dtype = resolve_dtype(config.dtype, jax.default_backend() if mesh is None else mesh.devices.flat[0].platform)
+    loss_fn = make_loss_fn(model, dtype)
     parallel = distributed.make_data_parallel(config, mesh)  # None on one device: nothing below is sharded
 
     # Initialise through the reference attention without the cross-check: attention has no
@@ -168,7 +176,9 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
         rng, step_rng = jax.random.split(state.rng)
         loss, grads = accumulated_grads(loss_fn, state.params, step_rng, *batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, loss=loss)
-        params = optax.apply_updates(state.params, updates)
+        # The barrier keeps the parameter norm out of the AdamW update's fusion: fused, XLA could not write the
+        # new params, mu and nu in place and copied all three (the donated buffers) on every step.
+        params = jax.lax.optimization_barrier(optax.apply_updates(state.params, updates))
         spikes = {}  # skip_spikes: a skipped step's update is zero (optimizer.skip_spikes); log it
         if config.skip_spikes:
             spiked = opt_state.skipped > state.opt_state.skipped
@@ -179,6 +189,9 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
         return new_state, {"loss": loss, "lr": schedule(state.step), **norms(grads, updates, params), **spikes}
 
     def train_steps(state, x, y):
+        if x.shape[0] == 1:  # one step: no while loop, whose carry XLA copies (the whole state) every call
+            state, metrics = one_step(state, (x[0], y[0]))
+            return state, jax.tree.map(lambda m: m[None], metrics)
         return jax.lax.scan(one_step, state, (x, y))
 
     def eval_losses(params, x, y):

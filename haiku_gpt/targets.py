@@ -536,6 +536,39 @@ def _flops(compiled: Any) -> tuple[float | None, str]:
         return None, "unavailable"
 
 
+# --- the optimized HLO ----------------------------------------------------------------------------
+
+_HLO_INSTRUCTION = re.compile(  # %name = TYPE opcode(operands...: TYPE is dtype[dims]{layout} or a (tuple, ...)
+    r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(\([^=]*?\)|\w+\[[\d,]*\]\S*)\s+([\w\-]+)\((.*)$", re.MULTILINE)
+_HLO_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+    """One instruction of an optimized HLO module (fusion bodies included): its opcode, result and operands."""
+
+    name: str
+    opcode: str  # "dot", "transpose", "copy", "fusion", "custom-call", ...
+    dtype: str  # of the result ("f32", "bf16", ...; a tuple's first element)
+    shape: tuple[int, ...]
+    operand_dtypes: tuple[str, ...]  # of the instructions it reads (dtypes looked up by name)
+
+
+def hlo_ops(hlo_text: str) -> list[HloOp]:
+    """Every instruction of `compiled.as_text()`, with its operands' dtypes: what to assert on when proving
+    that a program has, say, no float32 GEMM (`dot` with two f32 operands) or no transpose."""
+    found = []
+    for m in _HLO_INSTRUCTION.finditer(hlo_text):
+        dtype, dims = _HLO_ARRAY.search(m.group(2)).groups()  # a tuple's first element
+        found.append((m.group(1), m.group(3), dtype, tuple(int(d) for d in dims.split(",") if d), m.group(4)))
+    dtypes = {name: dtype for name, _, dtype, _, _ in found}
+    ops = []
+    for name, opcode, dtype, shape, rest in found:
+        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+        ops.append(HloOp(name, opcode, dtype, shape, tuple(dtypes.get(o, "?") for o in operands)))
+    return ops
+
+
 # --- kernel resources -----------------------------------------------------------------------------
 
 def _kernel_resources(target: Target, compiled: Any, dump: Path | None,

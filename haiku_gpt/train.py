@@ -5,7 +5,9 @@ or pretrained GPT-2) -> the loop -> metrics.jsonl, loss.png and checkpoints (orb
 asynchronously: checkpoint.py) in out_dir.
 
 The loop keeps the device busy: it dispatches call N+1 (JAX returns at once) before it reads
-call N's losses (`metrics.StepLog`), so sampling batches and logging overlap the device's work.
+call N's losses (`metrics.StepLog`), so logging overlaps the device's work, and a background thread
+draws the batches of the coming calls and starts their transfer to the device (`data.BatchPrefetcher`):
+per step the loop itself only takes a batch from a queue and dispatches.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from haiku_gpt import checkpoint, costs, distributed, pretrained
 from haiku_gpt.config import profile_window
-from haiku_gpt.data import train_batches
+from haiku_gpt.data import BatchPrefetcher, train_batches
 from haiku_gpt.evaluate import estimate_loss
 from haiku_gpt.experiment import Experiment
 from haiku_gpt.metrics import Call, MetricsWriter, StepLog, open_sinks, plot_losses
@@ -42,7 +44,14 @@ def train(exp: Experiment) -> dict:
     step, in_flight, scan_lengths, summary = int(state.step), None, set(), {}
     resumed_at = step if config.init_from == "resume" else None  # its checkpoint holds this state already
     checkpoints = checkpoint.Checkpoints(config.out_dir, config.keep_checkpoints)
-    with _StopRequest() as stop, bar, writer, _Profile(config, log) as profile, checkpoints:
+    tokens, rows = exp.dataset.splits["train"], steps.local_rows()
+
+    def device_batches(first: int, k: int):  # on the prefetcher's thread: draw, then start the transfer
+        x, y = train_batches(tokens, config.seed, first, k, batch_shape, config.block_size, rows=rows)
+        return steps.shard_batch(x, y)  # several devices: one global array from each process's rows
+
+    batches = BatchPrefetcher(device_batches, lambda s: _steps_in_next_call(s, config), step, config.max_iters)
+    with _StopRequest() as stop, bar, writer, _Profile(config, log) as profile, checkpoints, batches:
         while True:
             if step % config.eval_interval == 0 or step == config.max_iters:
                 step_log.finish(in_flight)
@@ -58,9 +67,7 @@ def train(exp: Experiment) -> dict:
             if step >= config.max_iters:
                 break
             k = _steps_in_next_call(step, config)
-            x, y = train_batches(exp.dataset.splits["train"], config.seed, step, k, batch_shape, config.block_size,
-                                 rows=steps.local_rows())
-            x, y = steps.shard_batch(x, y)  # several devices: one global array from each process's rows
+            x, y = batches.get(step, k)  # drawn and sent to the device while the previous calls ran
             profile.update(step, state)
             dispatched = time.perf_counter()
             state, metrics = steps.train_steps(state, x, y)  # returns at once; runs asynchronously
@@ -99,9 +106,10 @@ def _report_sizes(exp: Experiment) -> float:
     if exp.steps.parallel is not None:
         exp.log(exp.steps.parallel.describe(config.batch_size))
     exp.log(f"number of parameters: {costs.param_count(mcfg) / 1e6:.2f}M")
-    peak = (config.peak_flops or costs.measure_peak_flops()) * jax.device_count()  # per device x devices
-    exp.log(f"tokens per iteration: {costs.tokens_per_step(config):,}; MFU against {peak / 1e9:.0f} GFLOP/s "
-            f"({'configured' if config.peak_flops else 'measured float32 matmul'})")
+    peak, source = costs.peak_flops(config.peak_flops, config.dtype)
+    peak *= jax.device_count()
+    exp.log(f"tokens per iteration: {costs.tokens_per_step(config):,}; MFU against {peak / 1e12:.3g} TFLOP/s "
+            f"({jax.device_count()} x {source})")
     return peak
 
 

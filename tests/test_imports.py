@@ -18,6 +18,7 @@ LAYERS = [
     "kernels.flash_attention",  # the Pallas kernel
     "kernels.attention",        # the dispatcher over attention_impl
     "kernels",
+    "haiku_gpt.loss",           # the chunked lm_head + cross-entropy
     "haiku_gpt.model",          # GPT-2 as hk.Modules
     "haiku_gpt.costs",          # parameters, FLOPs, MFU, memory: from the shape alone
     "haiku_gpt.distributed",    # jax.distributed, the mesh and shardings
@@ -53,6 +54,7 @@ LAYERS = [
     "haiku_gpt.train",          # the training loop
     "haiku_gpt.modes",          # what launch.py runs for each --mode
     "haiku_gpt.kernel_matrix",  # the compile matrix of the kernel
+    "haiku_gpt.gpu_bench",      # --what=gpu: kernels, the train steps and nanoGPT on one GPU
     "haiku_gpt.bench",
     "haiku_gpt",
     "launch",

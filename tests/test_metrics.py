@@ -3,6 +3,7 @@
 
 import json
 import struct
+import types
 from pathlib import Path
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from haiku_gpt import checkpoint, modes
+from haiku_gpt import checkpoint, costs, modes
 from haiku_gpt.data import train_batches
 from haiku_gpt.experiment import setup
 from haiku_gpt.model import make_model
@@ -171,3 +172,25 @@ def test_profile_steps_writes_a_trace_of_those_steps(run):
     events = json.loads(gzip.decompress(perfetto.read_bytes()))
     names = {e.get("name") for e in (events["traceEvents"] if isinstance(events, dict) else events)}
     assert "PjitFunction(train_steps)" in names, sorted(n for n in names if n and "Pjit" in n)
+
+
+@pytest.mark.parametrize("kind,dtype,tflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4), ("NVIDIA H100 80GB HBM3", "float32", 494.7),
+    ("NVIDIA H200", "bfloat16", 989.4), ("NVIDIA H200 NVL", "bfloat16", 835.5),
+    ("NVIDIA H100 PCIe", "bfloat16", 756.5), ("NVIDIA H100 NVL", "float32", 417.5),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312), ("NVIDIA A100 80GB PCIe", "float32", 156),
+    ("NVIDIA L4", "bfloat16", 121), ("NVIDIA L40S", "bfloat16", None),
+    ("TPU v4", "bfloat16", 275), ("TPU v5 lite", "bfloat16", 197), ("TPU v5", "bfloat16", 459),
+    ("TPU v5p", "float32", 459), ("TPU v6 lite", "bfloat16", 918), ("cpu", "float32", None),
+])
+def test_peak_flops_come_from_the_datasheet_table(kind, dtype, tflops, monkeypatch):
+    """Known device kinds get their dense datasheet peak for the dtype (float32: TF32 on NVIDIA, bf16 passes on
+    TPU), so MFU cannot pass 100% from a wrong yardstick; unknown kinds (a CPU, an L40S) are measured."""
+    assert costs.datasheet_peak_flops(kind, dtype) == (tflops and tflops * 1e12)
+    device = types.SimpleNamespace(device_kind=kind)
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    monkeypatch.setattr(costs, "measure_peak_flops", lambda dtype: 123e9)
+    peak, source = costs.peak_flops(0.0, dtype)
+    assert (peak, "datasheet" in source) == ((tflops * 1e12, True) if tflops else (123e9, False))
+    assert costs.peak_flops(5e12, dtype) == (5e12, "configured")
+

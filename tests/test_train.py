@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import chex
@@ -17,7 +18,7 @@ import pytest
 from configs import shakespeare_char
 from haiku_gpt import checkpoint, modes, train
 from haiku_gpt.config import validate
-from haiku_gpt.data import batch_rng, open_dataset, sample_batch, train_batches
+from haiku_gpt.data import BatchPrefetcher, batch_rng, open_dataset, sample_batch, train_batches
 from haiku_gpt.experiment import setup
 from haiku_gpt.steps import make_steps
 from haiku_gpt.errors import UserError
@@ -85,7 +86,9 @@ def test_bad_schedule_and_profile_fields_are_refused(field, value, message):
 
 def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
     """--config.remat=block|dots: the train step recomputes activations (a remat in its jaxpr) and
-    its losses, dropout included, are bit for bit those without."""
+    its losses, dropout included, are those without: the first bit for bit, the later ones up to float32
+    rounding (XLA fuses the recomputing program's reductions in another order; a dropout bit out of place
+    would move the loss by ~1e-3)."""
     tiny_config.dropout = 0.1
     losses, remats = {}, {}
     for remat in ("none", "block", "dots"):
@@ -97,8 +100,9 @@ def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
         remats[remat] = str(jax.make_jaxpr(exp.steps.train_steps)(state, x, y)).count("remat")
         losses[remat] = np.asarray(exp.steps.train_steps(state, x, y)[1]["loss"])
     assert remats["none"] == 0 and remats["block"] >= tiny_config.n_layer and remats["dots"] >= tiny_config.n_layer
-    np.testing.assert_array_equal(losses["block"], losses["none"])
-    np.testing.assert_array_equal(losses["dots"], losses["none"])
+    for remat in ("block", "dots"):
+        assert losses[remat][0] == losses["none"][0]
+        np.testing.assert_allclose(losses[remat], losses["none"], rtol=1e-6, atol=0)
 
 
 def test_skip_spikes_skips_an_outlier_and_leaves_the_optimizer_state():
@@ -360,3 +364,31 @@ def test_bfloat16_training_computes_in_bfloat16_keeps_float32_params_and_tracks_
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
     assert not np.array_equal(losses["bfloat16"], losses["float32"])  # really another precision
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]
+
+
+def test_the_host_share_of_a_char_recipe_step_is_under_a_millisecond(data_dir):
+    """What the training loop's own thread does per step for shakespeare_char (batch 64 x 256): take the
+    prefetched batch (drawn and put on the device by data.BatchPrefetcher's thread) and dispatch the step,
+    with the real state (every parameter and AdamW moment donated) and the device work stubbed to nothing.
+    The median over 200 steps is under 1 ms, so the host cannot hold a GPU step of ~10 ms back."""
+    config = shakespeare_char.get_config()
+    config.update(data_dir=data_dir, dataset="chars", vocab_size=65)
+    exp = setup(config, lambda message: None)
+    state = exp.steps.init(config.seed)
+    stub = jax.jit(lambda state, x, y: (state, {"loss": jnp.zeros((x.shape[0],))}), donate_argnums=0)
+    shape = (config.gradient_accumulation_steps, config.batch_size)
+
+    def device_batches(first, k):
+        return exp.steps.shard_batch(*train_batches(exp.dataset.splits["train"], config.seed, first, k, shape,
+                                                     config.block_size))
+
+    host = []
+    with BatchPrefetcher(device_batches, lambda step: 1, 0, 260) as batches:
+        for step in range(260):
+            started = time.thread_time()
+            x, y = batches.get(step, 1)
+            state, metrics = stub(state, x, y)
+            host.append(time.thread_time() - started)
+            jax.block_until_ready(metrics)
+            time.sleep(0.003)  # the device's work on the step, during which the prefetcher draws the next
+    assert np.median(host[60:]) < 1e-3, f"median host time per step {np.median(host[60:]) * 1e3:.2f} ms"

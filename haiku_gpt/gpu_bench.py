@@ -1,0 +1,366 @@
+"""`python -m haiku_gpt.bench --what=gpu [--nanogpt_dir=DIR]`: one command that measures a GPU.
+
+Prints four tables and writes them (markdown and JSON) to --json_out's folder:
+  1. attention: pallas, cudnn and xla, forward and forward+backward, bf16, causal, in TFLOP/s counted as
+     causal FLOPs (forward 2 B H T^2 D, forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES`;
+  2. the gpt2_124m train step (batch 16 x 1024, bf16) for pallas and cudnn: ms/iter, tokens/s and MFU
+     (against the datasheet's dense bf16 peak), beside nanoGPT's own train.py with --compile=True;
+  3. the char quick start (configs/shakespeare_char.py through the real training loop, pallas, bf16): p10,
+     median and p90 ms/iter over `CHAR_ITERS` steps, beside nanoGPT's train.py on the same data;
+  4. where one gpt2_124m step's GPU time goes, from a jax.profiler trace: float32 GEMMs, bf16 GEMMs,
+     attention kernels, transposes, copies, other fusions.
+Each part is timed in one run on one GPU, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from haiku_gpt import costs
+
+# (batch, seq, heads, head_dim, kv_heads)
+KERNEL_SHAPES = ((16, 1024, 32, 64, 32), (8, 2048, 16, 128, 16), (4, 8192, 16, 128, 16), (1, 32768, 8, 128, 8))
+XLA_MAX_SEQ = 8192  # XLA's attention holds [B, H, T, T] scores: past this it only measures its memory traffic
+CHAR_ITERS = 500
+GPT2_OVERRIDES = dict(batch_size=16, block_size=1024, gradient_accumulation_steps=1, dtype="bfloat16",
+                      dropout=0.0, vocab_size=50304)
+
+
+def _median_seconds(f, *args, calls: int = 10, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean time of `calls` back-to-back calls (the GPU queue kept full)."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=jnp.bfloat16) -> list[dict]:
+    """Forward and forward+backward TFLOP/s of each attention implementation at each shape (causal FLOPs)."""
+    from kernels import attention  # noqa: PLC0415
+
+    rows = []
+    for batch, seq, heads, head_dim, kv_heads in shapes:
+        keys = jax.random.split(jax.random.PRNGKey(seq), 4)
+        q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
+        k, v = (jax.random.normal(key, (batch, seq, kv_heads, head_dim), dtype) for key in keys[1:3])
+        do = jax.random.normal(keys[3], q.shape, dtype)
+        flops = 2 * batch * heads * seq * seq * head_dim  # causal: half of 4 B H T^2 D
+        for impl in impls:
+            row = {"shape": f"B{batch} T{seq} H{heads} KV{kv_heads} D{head_dim}", "impl": impl}
+            if impl == "xla" and seq > XLA_MAX_SEQ:
+                rows.append({**row, "skipped": f"T > {XLA_MAX_SEQ}"})
+                continue
+            fwd = jax.jit(lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
+            fwd_bwd = jax.jit(lambda q, k, v, do, impl=impl: jax.vjp(
+                lambda q, k, v: attention(q, k, v, impl=impl), q, k, v)[1](do))
+            try:
+                t_fwd = _median_seconds(fwd, q, k, v)
+                t_all = _median_seconds(fwd_bwd, q, k, v, do)
+            except Exception as e:  # noqa: BLE001 (a failed implementation is a row, not the end of the run)
+                rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                continue
+            rows.append({**row, "fwd_ms": t_fwd * 1e3, "fwd_tflops": flops / t_fwd / 1e12,
+                         "fwd_bwd_ms": t_all * 1e3, "fwd_bwd_tflops": 3.5 * flops / t_all / 1e12})
+            print(_row_text(rows[-1]), flush=True)
+    return rows
+
+
+def train_step_speed(config, vocab: int, iters: int = 30, warmup: int = 5) -> dict:
+    """The train step as the loop runs it: call N+1 dispatched before call N's metrics are read."""
+    from haiku_gpt.steps import make_steps  # noqa: PLC0415
+
+    steps = make_steps(config, vocab)
+    state = steps.init(config.seed)
+    rng = np.random.default_rng(0)
+    shape = (1, 1, config.batch_size, config.block_size)
+    batches = [jax.device_put(tuple(rng.integers(0, vocab, size=shape, dtype=np.int32) for _ in range(2)))
+               for _ in range(4)]
+    compile_started = time.perf_counter()
+    state, metrics = steps.train_steps(state, *batches[0])
+    jax.device_get(metrics)
+    compile_s = time.perf_counter() - compile_started
+    previous = None
+    for i in range(warmup + iters):
+        if i == warmup:
+            jax.device_get(previous)
+            start = time.perf_counter()
+        state, metrics = steps.train_steps(state, *batches[i % len(batches)])
+        if previous is not None:
+            jax.device_get(previous)
+        previous = metrics
+    jax.device_get(previous)
+    dt = (time.perf_counter() - start) / iters
+    tokens = config.batch_size * config.block_size
+    peak, _ = costs.peak_flops(0.0, config.dtype)
+    flops = costs.flops_per_step(config, steps.model_config)
+    return {"attention": config.attention_impl, "ms_per_iter": dt * 1e3, "tokens_per_sec": tokens / dt,
+            "mfu": costs.mfu(flops, dt, peak), "first_call_s": compile_s, "steps": steps, "state": state,
+            "batch": batches[0]}
+
+
+def percentiles(ms: list[float]) -> dict:
+    p10, median, p90 = np.percentile(ms, [10, 50, 90])
+    return {"p10_ms": float(p10), "median_ms": float(median), "p90_ms": float(p90), "n": len(ms)}
+
+
+def char_quick_start(config, out_dir: str) -> dict:
+    """The real training loop (train.train) on the char recipe, every step's dt_ms from metrics.jsonl."""
+    from haiku_gpt import prepare  # noqa: PLC0415
+    from haiku_gpt.experiment import setup  # noqa: PLC0415
+    from haiku_gpt.train import train  # noqa: PLC0415
+
+    config.update(out_dir=out_dir, max_iters=CHAR_ITERS, eval_interval=CHAR_ITERS, eval_iters=20, log_interval=1)
+    prepare.ensure_prepared(os.path.join(config.data_dir, config.dataset), config.dataset)
+    summary = train(setup(config, lambda message: None))
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        ms = [r["dt_ms"] for r in map(json.loads, f) if "dt_ms" in r and r["step"] >= 10]
+    return {**percentiles(ms), "val_loss": summary.get("val_loss"), "dtype": config.dtype,
+            "attention": config.attention_impl}
+
+
+def nanogpt_run(nanogpt_dir: str, args: list[str]) -> dict:
+    """nanoGPT's train.py on this GPU; every logged iteration's own `time` (after the first 10, which
+    compile), and the wall-clock rate between its log lines as they arrive."""
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.Popen([sys.executable, "-u", "train.py", *args, f"--out_dir={out}"], cwd=nanogpt_dir,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ms, arrivals, tail = [], [], []
+        for line in proc.stdout:
+            tail = (tail + [line])[-30:]
+            m = re.match(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", line)
+            if m and int(m.group(1)) >= 10:
+                ms.append(float(m.group(2)))
+                arrivals.append((int(m.group(1)), time.perf_counter()))
+        proc.wait()
+    if proc.returncode != 0 or len(ms) < 5:
+        return {"error": f"nanoGPT exited {proc.returncode}: {''.join(tail)[-1500:]}"}
+    wall = (arrivals[-1][1] - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0]) * 1e3
+    return {**percentiles(ms), "wall_ms_per_iter": wall}
+
+
+def _synthetic_nanogpt_data(nanogpt_dir: str, vocab: int = 50257, tokens: int = 4_000_000) -> str:
+    """Random GPT-2 tokens as nanoGPT's data/<name>/{train,val}.bin: the speed does not depend on the text."""
+    path = os.path.join(nanogpt_dir, "data", "synthetic_gpt2")
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, vocab, size=tokens, dtype=np.uint16).tofile(os.path.join(path, f"{split}.bin"))
+    return "synthetic_gpt2"
+
+
+def nanogpt_data_dir(nanogpt_dir: str, config) -> None:
+    """nanoGPT reads data/<dataset>/{train,val}.bin and meta.pkl from its cwd: link ours there."""
+    import pickle  # noqa: PLC0415
+
+    from haiku_gpt.tokenizer import read_meta  # noqa: PLC0415
+
+    ours = os.path.abspath(os.path.join(config.data_dir, config.dataset))
+    theirs = os.path.join(nanogpt_dir, "data", config.dataset)
+    os.makedirs(theirs, exist_ok=True)
+    for split in ("train", "val"):
+        link = os.path.join(theirs, f"{split}.bin")
+        if not os.path.exists(link):
+            os.symlink(os.path.join(ours, f"{split}.bin"), link)
+    meta = read_meta(ours)
+    if meta["tokenizer"] == "char" and not os.path.exists(os.path.join(theirs, "meta.pkl")):
+        itos = dict(enumerate(meta["itos"]))
+        with open(os.path.join(theirs, "meta.pkl"), "wb") as f:
+            pickle.dump({"vocab_size": meta["vocab_size"], "itos": itos,
+                         "stoi": {c: i for i, c in itos.items()}}, f)
+
+
+# --- where the time goes ----------------------------------------------------------------------------
+
+CATEGORIES = ("float32 GEMM", "bf16 GEMM", "attention kernels", "transposes", "copies", "other fusions")
+
+
+def _category(name: str, float32_fusions: set[str]) -> str:
+    lower = name.lower()
+    if "flash_attention" in lower or "cudnn" in lower or "fmha" in lower or "flash_fprop" in lower:
+        return "attention kernels"
+    if "memcpy" in lower or "memset" in lower or re.search(r"(^|_)copy", lower):
+        return "copies"
+    if "transpose" in lower:
+        return "transposes"
+    if any(word in lower for word in ("gemm", "xmma", "cutlass", "cublas", "nvjet", "dot")):  # nvjet: cuBLAS, Hopper
+        is_f32 = "f32f32" in lower or "tf32" in lower or "sgemm" in lower or lower in float32_fusions
+        return "float32 GEMM" if is_f32 else "bf16 GEMM"
+    return "other fusions"
+
+
+def float32_gemm_fusions(hlo_text: str) -> set[str]:
+    """Kernel names (lowercase, '.' as '_') of the fusions whose computation holds a dot of two f32 operands."""
+    from haiku_gpt.targets import hlo_ops  # noqa: PLC0415
+
+    names, computation = set(), None
+    f32_computations = set()
+    for line in hlo_text.splitlines():
+        header = re.match(r"^%?([\w.\-]+) .*\{$", line)
+        if header and "=" not in line.split("{")[0]:
+            computation = header.group(1)
+        for op in hlo_ops(line):
+            if op.opcode == "dot" and op.operand_dtypes == ("f32", "f32"):
+                f32_computations.add(computation)
+    for match in re.finditer(r"%([\w.\-]+) = .*? fusion\(.*?calls=%([\w.\-]+)", hlo_text):
+        if match.group(2) in f32_computations:
+            names.add(match.group(1).replace(".", "_").lower())
+    return names
+
+
+def gpu_time_breakdown(trace_json: str, steps_traced: int, float32_fusions: set[str] = frozenset()) -> dict:
+    """Milliseconds per step of GPU kernel time by category, from a jax.profiler Perfetto trace (json[.gz]):
+    the kernels on the GPU's streams (threads named 'Stream...' of a process named like '/device:GPU:0')."""
+    opener = gzip.open if trace_json.endswith(".gz") else open
+    with opener(trace_json, "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+    streams = {(e["pid"], e.get("tid")) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and e["pid"] in gpu_pids and str(e.get("args", {}).get("name", "")).lower().startswith("stream")}
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    names: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+            continue
+        if streams and (e["pid"], e.get("tid")) not in streams:
+            continue
+        category = _category(e["name"], float32_fusions)
+        totals[category] += e.get("dur", 0.0) / 1e3 / steps_traced
+        names[e["name"]] = names.get(e["name"], 0.0) + e.get("dur", 0.0) / 1e3 / steps_traced
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:15]
+    return {"ms_per_step": totals, "total_ms_per_step": sum(totals.values()), "top_kernels_ms": dict(top)}
+
+
+def profile_step(result: dict, out_dir: str, steps_traced: int = 3) -> dict:
+    """Trace `steps_traced` train steps (compiled already by train_step_speed) and break their GPU time down."""
+    steps, state, batch = result["steps"], result["state"], result["batch"]
+    trace_dir = os.path.join(out_dir, "profile")
+    jax.block_until_ready(state)
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(steps_traced):
+        state, metrics = steps.train_steps(state, *batch)
+    jax.block_until_ready((state, metrics))
+    jax.profiler.stop_trace()
+    traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"), recursive=True)
+    hlo = steps.train_steps.lower(state, *batch).compile().as_text()
+    breakdown = gpu_time_breakdown(max(traces, key=os.path.getmtime), steps_traced, float32_gemm_fusions(hlo))
+    return {**breakdown, "trace": max(traces, key=os.path.getmtime)}
+
+
+def _row_text(row: dict) -> str:
+    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def _gpt2_config(attention_impl: str):
+    from configs import gpt2_124m  # noqa: PLC0415
+
+    config = gpt2_124m.get_config()
+    config.update(attention_impl=attention_impl, **GPT2_OVERRIDES)
+    return config
+
+
+def _char_config(data_dir: str):
+    from configs import shakespeare_char  # noqa: PLC0415
+    from haiku_gpt.config import resolved  # noqa: PLC0415
+
+    config = shakespeare_char.get_config()
+    config.update(attention_impl="pallas", data_dir=data_dir)
+    return resolved(config)
+
+
+def markdown(results: dict) -> str:
+    """The tables, as docs/performance.md has them."""
+    lines = [f"GPU: {results['device']}; JAX {results['jax']}", "",
+             "| B, T, H, KV, D | impl | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---|---|---|---|"]
+    for r in results.get("kernels", []):
+        note = r.get("skipped") or r.get("error")
+        lines.append(f"| {r['shape']} | {r['impl']} | " + (f"{note} | |" if note else
+                     f"{r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} |"))
+    lines += ["", "| gpt2_124m, B16 T1024 bf16 | ms/iter | tokens/s | MFU |", "|---|---|---|---|"]
+    for name, r in results.get("gpt2", {}).items():
+        if "error" in r:
+            lines.append(f"| {name} | {r['error'][:100]} | | |")
+        elif "ms_per_iter" in r:
+            lines.append(f"| {name} | {r['ms_per_iter']:.1f} | {r['tokens_per_sec']:,.0f} | {r['mfu'] * 100:.1f}% |")
+        else:
+            lines.append(f"| {name} | {r['median_ms']:.1f} (wall {r['wall_ms_per_iter']:.1f}) | "
+                         f"{16 * 1024 / r['wall_ms_per_iter'] * 1e3:,.0f} | |")
+    lines += ["", f"| char quick start, {CHAR_ITERS} iters | p10 ms | median ms | p90 ms |", "|---|---|---|---|"]
+    for name, r in results.get("char", {}).items():
+        lines.append(f"| {name} | " + (r["error"][:100] + " | | |" if "error" in r else
+                     f"{r['p10_ms']:.2f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |"))
+    if "breakdown" in results:
+        lines += ["", "| one gpt2_124m step (pallas), GPU time | ms |", "|---|---|"]
+        for name, ms in results["breakdown"]["ms_per_step"].items():
+            lines.append(f"| {name} | {ms:.2f} |")
+        lines.append(f"| total | {results['breakdown']['total_ms_per_step']:.2f} |")
+    return "\n".join(lines)
+
+
+def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=("kernels", "gpt2", "char", "breakdown")) -> dict:
+    """Everything above, in one run, printed as it goes and written to out_dir (gpu.json, gpu.md)."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__}
+
+    def save():
+        with open(os.path.join(out_dir, "gpu.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(out_dir, "gpu.md"), "w") as f:
+            f.write(markdown(results) + "\n")
+
+    if "kernels" in parts:
+        results["kernels"] = kernel_table()
+        save()
+    nano_data = _synthetic_nanogpt_data(nanogpt_dir) if nanogpt_dir else None
+    if "gpt2" in parts:
+        results["gpt2"] = {}
+        for impl in ("pallas", "cudnn"):
+            timed = train_step_speed(_gpt2_config(impl), GPT2_OVERRIDES["vocab_size"])
+            results["gpt2"][f"haiku_gpt {impl}"] = {k: v for k, v in timed.items()
+                                                     if k not in ("steps", "state", "batch")}
+            print(f"gpt2_124m {impl}: {_row_text(results['gpt2'][f'haiku_gpt {impl}'])}", flush=True)
+            if impl == "pallas" and "breakdown" in parts:
+                results["breakdown"] = profile_step(timed, out_dir)
+                print(json.dumps(results["breakdown"]["ms_per_step"]), flush=True)
+            del timed
+            save()
+        if nanogpt_dir:
+            results["gpt2"]["nanoGPT --compile=True"] = nanogpt_run(nanogpt_dir, [
+                f"--dataset={nano_data}", "--batch_size=16", "--block_size=1024", "--gradient_accumulation_steps=1",
+                "--compile=True", "--max_iters=60", "--eval_interval=100000", "--eval_iters=1", "--log_interval=1",
+                "--always_save_checkpoint=False", "--dtype=bfloat16"])
+            print(f"nanoGPT gpt2: {results['gpt2']['nanoGPT --compile=True']}", flush=True)
+            save()
+    if "char" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["char"] = {"haiku_gpt pallas": char_quick_start(_char_config(data_dir), tmp)}
+        print(f"char quick start: {results['char']}", flush=True)
+        if nanogpt_dir:
+            nanogpt_data_dir(nanogpt_dir, _char_config(data_dir))
+            results["char"]["nanoGPT --compile=True"] = nanogpt_run(nanogpt_dir, [
+                "config/train_shakespeare_char.py", "--compile=True", f"--max_iters={CHAR_ITERS}",
+                f"--eval_interval={CHAR_ITERS}", "--eval_iters=20", "--log_interval=1"])
+            print(f"nanoGPT char: {results['char']['nanoGPT --compile=True']}", flush=True)
+        save()
+    print(markdown(results), flush=True)
+    return results
+
