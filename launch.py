@@ -12,10 +12,11 @@ import os
 import signal
 import sys
 
-from haiku_gpt.system import select_platforms, tune_allocator
+from haiku_gpt.system import set_up_process
 
-tune_allocator()  # before JAX allocates anything (see haiku_gpt/system.py)
-select_platforms()  # before JAX starts: JAX_PLATFORMS=cpu on a machine with no GPU or TPU (haiku_gpt/system.py)
+# Before JAX starts: JAX_PLATFORMS=cpu on a machine with no GPU or TPU, and on the CPU glibc's allocator
+# tuned before JAX allocates anything (haiku_gpt/system.py).
+set_up_process()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

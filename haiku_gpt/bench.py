@@ -20,10 +20,9 @@ import statistics
 import sys
 import time
 
-from haiku_gpt.system import select_platforms, tune_allocator
+from haiku_gpt.system import set_up_process
 
-tune_allocator()
-select_platforms()  # JAX_PLATFORMS=cpu without a GPU/TPU, so the aot extra's plugins stay quiet
+set_up_process()  # JAX_PLATFORMS=cpu without a GPU/TPU (the aot plugins stay quiet); on the CPU, the allocator tuning
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -64,19 +64,27 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 class SpikeState(NamedTuple):
-    inner: optax.OptState  # the wrapped optimizer's state: untouched by a skipped step
+    inner: optax.OptState  # the wrapped optimizer's state: a skipped step moves only its schedule's count
     losses: jax.Array  # [window] the losses of the latest accepted steps (a ring buffer)
     grad_norms: jax.Array  # [window] their gradients' global norms, before clipping
     accepted: jax.Array  # steps accepted so far (the ring's write position)
     skipped: jax.Array  # steps skipped so far
 
 
+def _is_schedule(node) -> bool:
+    """The state of optax's scale_by_schedule (its step count): a skipped step advances it too."""
+    return isinstance(node, optax.ScaleByScheduleState)
+
+
 def skip_spikes(inner: optax.GradientTransformation, window: int, z: float) -> optax.GradientTransformationExtraArgs:
     """Skip an update whose loss or gradient norm (before clipping) is an outlier, as llm.c's
     OutlierDetector, MaxText and levanter do: more than `z` standard deviations above the mean of the
     latest `window` accepted steps, once that many have been seen. A skipped step's update is zero and
-    the wrapped optimizer's state stays as it was; only the skip counter moves. The window lives in
-    the optimizer state, so checkpoints carry it and a resumed run skips exactly as an uninterrupted one.
+    the wrapped optimizer's state stays as it was (Adam's moments and bias-correction count), except
+    that its learning-rate schedule advances: the schedule follows the step, as in other trainers that
+    skip, so the rate applied at step s is the schedule's at s (the one logged) however many steps were
+    skipped. The window lives in the optimizer state, so checkpoints carry it and a resumed run skips
+    exactly as an uninterrupted one.
     """
 
     def init(params) -> SpikeState:
@@ -95,7 +103,8 @@ def skip_spikes(inner: optax.GradientTransformation, window: int, z: float) -> o
         keep = lambda old, new: jnp.where(spike, old, new)  # noqa: E731
         slot = state.accepted % window
         new_state = SpikeState(
-            inner=jax.tree.map(keep, state.inner, new_inner),
+            inner=jax.tree.map(lambda old, new: new if _is_schedule(old) else keep(old, new),
+                               state.inner, new_inner, is_leaf=_is_schedule),
             losses=keep(state.losses, state.losses.at[slot].set(loss)),
             grad_norms=keep(state.grad_norms, state.grad_norms.at[slot].set(grad_norm)),
             accepted=state.accepted + jnp.where(spike, 0, 1),

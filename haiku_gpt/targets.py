@@ -43,14 +43,16 @@ Targets (per device: HBM, dense bf16 peak; public specs)
 GPU target configs (what XLA would otherwise read from the device) are package
 data: `haiku_gpt/gpu_specs/<generation>.txtpb`.
 
-Environment. Importing this module sets defaults that keep JAX's plugins quiet
-where their hardware is absent (`haiku_gpt.system.quiet_absent_accelerators`):
+Environment. Importing this module changes nothing. When a target's devices are
+first built (`devices`, `compile_for`), it sets defaults that keep JAX's plugins
+quiet where their hardware is absent (`haiku_gpt.system.quiet_absent_accelerators`):
 JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 without an NVIDIA GPU (else the CUDA plugin
 refuses to register without cuDNN, and then no CUDA topology exists), and
 TPU_SKIP_MDS_QUERY / TPU_WORKER_HOSTNAMES / TPU_ACCELERATOR_TYPE /
 ALLOW_MULTIPLE_LIBTPU_LOAD without a TPU (else libtpu prints worker-hostname
-errors, and only one process at a time may load it). Import it, or call
-`haiku_gpt.system.select_platforms()`, before JAX starts its backends.
+errors, and only one process at a time may load it). A program that starts JAX's
+backends first (`jax.devices()`) calls `haiku_gpt.system.select_platforms()`
+before that, as launch.py does.
 """
 
 from __future__ import annotations
@@ -74,8 +76,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 from haiku_gpt.errors import UserError
 from haiku_gpt.system import quiet_absent_accelerators
-
-quiet_absent_accelerators()
 
 AOT_FIX = "pip install -e '.[aot]'"
 GiB = 1 << 30
@@ -259,7 +259,7 @@ def devices(target: str | Target) -> tuple[Any, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _devices(target: Target) -> tuple[Any, ...]:
-    quiet_absent_accelerators()  # again, in case the environment changed since import
+    quiet_absent_accelerators()  # before JAX loads its plugins (not at import: an import has no side effects)
     from jax.experimental import topologies  # noqa: PLC0415
 
     try:
@@ -273,8 +273,8 @@ def _devices(target: Target) -> tuple[Any, ...]:
     except NotImplementedError as e:  # the CUDA plugin did not register
         raise TargetError(
             f"no CUDA compiler for {target.name} ({e}): JAX started before JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 "
-            "was set, so its CUDA plugin failed its cuDNN check and did not register; import "
-            "haiku_gpt.targets (or call haiku_gpt.system.select_platforms()) before JAX starts.") from e
+            "was set, so its CUDA plugin failed its cuDNN check and did not register; call "
+            "haiku_gpt.system.select_platforms() before JAX starts (before jax.devices()).") from e
     found = tuple(topology.devices)
     if len(found) != target.num_devices:
         raise RuntimeError(f"{target.name}: the compile-only topology has {len(found)} devices, "

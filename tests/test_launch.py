@@ -204,3 +204,38 @@ def test_out_dir_not_writable(trained, tmp_path):
     result = launch(*tiny_args(data_dir, blocker / "out"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "is not writable" in result.stderr
+
+
+# Imports `module` with glibc's mallopt replaced by a recorder, and prints the parameters it was called with.
+_RECORD_MALLOPT = """
+import ctypes, ctypes.util, importlib, json, sys
+calls, libc, real_cdll = [], ctypes.util.find_library("c"), ctypes.CDLL
+
+class Libc:
+    def __init__(self, lib):
+        self._lib = lib
+    def mallopt(self, param, value):
+        calls.append(param)
+        return 1
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+ctypes.CDLL = lambda name, *a, **k: Libc(real_cdll(name, *a, **k)) if name == libc else real_cdll(name, *a, **k)
+sys.argv = ["launch.py"]
+importlib.import_module(MODULE)
+print(json.dumps(calls))
+"""
+
+
+@pytest.mark.parametrize("module", ["launch", "haiku_gpt.bench"])
+@pytest.mark.parametrize("platforms, tuned", [("cpu", True), ("cuda", False), ("tpu", False)])
+def test_allocator_is_tuned_only_for_a_cpu_run(module, platforms, tuned):
+    """launch.py and the benchmark tune glibc's allocator (mallopt: no mmap, no trimming, a top pad) only
+    when the run is on the CPU, the one platform it was measured to help; on a GPU or TPU (faked with
+    JAX_PLATFORMS: nothing starts JAX here) glibc's defaults stay."""
+    env = dict(os.environ, JAX_PLATFORMS=platforms)
+    run = subprocess.run([sys.executable, "-c", _RECORD_MALLOPT.replace("MODULE", repr(module))], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    calls = json.loads(run.stdout.strip().splitlines()[-1])
+    assert calls == ([-4, -1, -2] if tuned else []), (module, platforms)

@@ -231,3 +231,33 @@ def test_start_up_is_quiet_without_accelerators():
                          timeout=120, check=True)
     assert run.stdout.split() == ["cpu", "cpu"]
     assert run.stderr == ""
+
+
+_QUIETING = ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK", *system.QUIET_LIBTPU_ENV)
+
+
+def test_importing_targets_leaves_the_environment_alone():
+    """Importing haiku_gpt.targets changes nothing in os.environ (an import has no side effects): the
+    plugins' quieting defaults (system.quiet_absent_accelerators) are set when a target's devices are
+    first built. The subprocess starts without them, so a default set at import would show."""
+    env = {k: v for k, v in os.environ.items() if k not in _QUIETING}
+    code = ("import json, os; before = dict(os.environ); import haiku_gpt.targets; after = dict(os.environ); "
+            "print(json.dumps({k: [before.get(k), after.get(k)] for k in before.keys() | after.keys() "
+            "if before.get(k) != after.get(k)}))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "{}", run.stdout
+
+
+@needs_cuda
+@pytest.mark.skipif(system.has_nvidia_gpu(), reason="an NVIDIA GPU is attached: the CUDA plugin needs no quieting")
+def test_a_target_compiles_with_nothing_set_before_the_import():
+    """With nothing set before the import (no JAX_SKIP_CUDA_CONSTRAINTS_CHECK, no JAX_PLATFORMS), a GPU
+    target's devices still build: the default is set when they are first built, before JAX's plugins load."""
+    env = {k: v for k, v in os.environ.items() if k not in _QUIETING}
+    code = "from haiku_gpt import targets; print(len(targets.devices('h100x2')))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "2"

@@ -22,7 +22,7 @@ from haiku_gpt.data import BatchPrefetcher, batch_rng, open_dataset, sample_batc
 from haiku_gpt.experiment import setup
 from haiku_gpt.steps import make_steps
 from haiku_gpt.errors import UserError
-from haiku_gpt.optimizer import decay_mask, lr_schedule, skip_spikes
+from haiku_gpt.optimizer import decay_mask, lr_schedule, make_optimizer, skip_spikes
 
 
 def nanogpt_get_lr(it, c):
@@ -125,6 +125,39 @@ def test_skip_spikes_skips_an_outlier_and_leaves_the_optimizer_state():
         assert int(state.skipped) == int(before.skipped) + 1
     updates, state = opt.update({"w": jnp.full(3, 0.1)}, state, params, loss=jnp.float32(1.0))  # ordinary again
     assert float(jnp.abs(updates["w"]).sum()) > 0 and int(state.accepted) == 5 and int(state.skipped) == 2
+
+
+def test_a_skipped_step_advances_the_learning_rate_schedule():
+    """skip_spikes: the learning rate applied at step s is the schedule's at s, however many steps were
+    skipped before (issue 22: the schedule stopped on a skip, so step s got the rate of step s - skips).
+    Each accepted update is checked against AdamW written out here: Adam's moments over the accepted
+    gradients alone, weight decay on the matrix, times nanoGPT's get_lr(s) (warmup: the rate grows
+    every step, so a lagging schedule shows)."""
+    c = shakespeare_char.get_config()
+    c.update(warmup_iters=10, lr_decay_iters=20, grad_clip=0.0, skip_spikes=True, spike_window=2, spike_z=1.0)
+    opt = make_optimizer(c)
+    params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32).reshape(2, 3)}  # a matrix: decayed
+    state = opt.init(params)
+    pattern = np.array([[1.0, -2.0, 0.5], [-1.0, 3.0, 0.25]], np.float32)
+    mu = nu = np.zeros_like(pattern)
+    accepted, skipped = 0, []
+    for s, loss in enumerate([1.0, 0.99, 9.0, 0.98, 9.0, 9.0, 0.97, 0.96]):  # 9.0: a loss spike
+        grads = (0.2 - 0.01 * s) * pattern  # shrinking: never a gradient-norm spike
+        p = np.asarray(params["w"])
+        updates, state = opt.update({"w": jnp.asarray(grads)}, state, params, loss=jnp.float32(loss))
+        params = optax.apply_updates(params, updates)
+        if loss > 5:
+            skipped.append(s)
+            np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)
+            continue
+        accepted += 1
+        mu = c.beta1 * mu + (1 - c.beta1) * grads
+        nu = c.beta2 * nu + (1 - c.beta2) * grads**2
+        direction = (mu / (1 - c.beta1**accepted)) / (np.sqrt(nu / (1 - c.beta2**accepted)) + 1e-8)
+        direction = direction + c.weight_decay * p
+        applied_lr = -np.asarray(updates["w"]) / direction  # the rate this step's update was made with
+        np.testing.assert_allclose(applied_lr, nanogpt_get_lr(s, c), rtol=1e-4, err_msg=f"step {s}")
+    assert skipped == [2, 4, 5] and int(state.skipped) == 3
 
 
 def test_skipped_steps_are_logged_leave_the_parameters_and_resume_exactly(tiny_config, tmp_path):
