@@ -10,6 +10,7 @@ import ml_collections
 from haiku_gpt.errors import UserError
 from haiku_gpt.model import REMAT_POLICIES, GPTConfig
 from haiku_gpt.system import CPU_MATMUL_LIBRARIES
+from haiku_gpt.tokenizer import document_separator
 from kernels import ATTENTION_IMPLS, check_attention_impl
 
 LR_SCHEDULES = ("cosine", "wsd", "constant")  # optimizer.lr_schedule
@@ -22,7 +23,7 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 SAMPLE_WINDOWS = ("exact", "half")
 EVAL_TASKS = ("loss", "hellaswag")  # --mode=eval: evaluate.py, hellaswag.py
 # Fields that fix the parameter shapes: a checkpoint must agree on all of them.
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "n_kv_head", "block_size", "bias", "vocab_size")
 
 
 def padded_vocab_size(meta: dict, requested: int = 0) -> int:
@@ -83,6 +84,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.n_embd % config.n_head:
         bad(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}: each head gets "
             f"n_embd // n_head channels, so pick e.g. --config.n_head={_divisor_near(config.n_embd, config.n_head)}.")
+    if config.n_kv_head < 0 or (config.n_kv_head and config.n_head % config.n_kv_head):
+        divisors = ", ".join(str(d) for d in range(1, config.n_head + 1) if config.n_head % d == 0)
+        bad(f"--config.n_kv_head={config.n_kv_head} does not divide n_head={config.n_head}: grouped-query attention "
+            f"shares each key/value head among n_head // n_kv_head query heads, so pick one of {divisors} (1: "
+            "multi-query attention), or 0 for as many key/value heads as query heads (GPT-2's attention).")
     if not 0.0 <= config.dropout < 1.0:
         bad(f"--config.dropout={config.dropout} must be in [0, 1).")
     try:
@@ -152,10 +158,27 @@ def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:
         raise UserError(f"--config.sample.window={s.window!r} is not one of {', '.join(SAMPLE_WINDOWS)}.")
 
 
+def check_document_mask(config: ml_collections.ConfigDict, meta: dict) -> None:
+    """--config.document_mask needs a dataset whose documents end in a token of their own: GPT-2's BPE."""
+    if config.document_mask and document_separator(meta) is None:
+        raise UserError(
+            f"--config.document_mask=True splits each training window into its documents at the end-of-text "
+            f"token the prepare scripts write after each document, but dataset {config.dataset!r} was prepared "
+            f"with the {meta.get('tokenizer')!r} tokenizer, which has no such token (a character-level dataset "
+            "separates documents with a newline, which is also ordinary text): drop --config.document_mask, "
+            "or prepare the corpus with `--tokenizer gpt2` (data/text/prepare.py).")
+
+
+def kv_heads(config: ml_collections.ConfigDict) -> int:
+    """The run's key/value heads: --config.n_kv_head, or n_head when it is 0."""
+    return config.n_kv_head or config.n_head
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-        n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
+        n_head=config.n_head, n_embd=config.n_embd, n_kv_head=kv_heads(config), dropout=config.dropout,
+        bias=config.bias,
         attention_impl=config.attention_impl, check_attention=config.check_attention, remat=config.remat)
 
 
@@ -164,5 +187,5 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "model_config", "padded_vocab_size", "validate",
-           "validate_sample"]
+__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "check_document_mask", "kv_heads", "model_config",
+           "padded_vocab_size", "validate", "validate_sample"]

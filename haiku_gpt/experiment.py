@@ -15,7 +15,7 @@ from typing import Callable
 import ml_collections
 
 from haiku_gpt import checkpoint, distributed, pretrained
-from haiku_gpt.config import model_config, padded_vocab_size, validate
+from haiku_gpt.config import check_document_mask, model_config, padded_vocab_size, validate
 from haiku_gpt.data import Dataset, open_dataset
 from haiku_gpt.model import GPTConfig
 from haiku_gpt.steps import Steps, TrainingState, make_steps
@@ -76,6 +76,7 @@ def setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
     config = pretrained.effective_config(config, log)  # init_from=gpt2*: the checkpoint's model shape
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size) if with_dataset else None
     if dataset is not None:
+        check_document_mask(config, dataset.meta)
         vocab_size, valid_vocab, tokenizer = (padded_vocab_size(dataset.meta, config.vocab_size),
                                               dataset.vocab_size, dataset.tokenizer)
     elif pretrained.is_pretrained(config.init_from):

@@ -25,8 +25,9 @@ from jaxtyping import Array, Float, Int
 
 from haiku_gpt import distributed, system
 from haiku_gpt.config import model_config
-from haiku_gpt.model import GPTConfig, make_model
+from haiku_gpt.model import GPTConfig, document_segment_ids, make_model
 from haiku_gpt.optimizer import lr_schedule, make_optimizer
+from haiku_gpt.tokenizer import GPT2_END_OF_TEXT
 
 
 class TrainingState(NamedTuple):
@@ -97,23 +98,32 @@ class Steps:
 
 
 def make_logits_fn(model: hk.Transformed, dtype: str) -> Callable:
-    """(params, rng, x, is_training) -> float32 logits, computed in `dtype` as the train step computes them."""
+    """(params, rng, x, is_training, segment_ids=None) -> float32 logits, computed in `dtype` as the train step
+    computes them."""
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
 
-    def logits_fn(params, rng, x: Int[Array, "B T"], is_training: bool) -> Float[Array, "B T V"]:
+    def logits_fn(params, rng, x: Int[Array, "B T"], is_training: bool,
+                  segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
         if compute_dtype != jnp.float32:  # mixed precision: float32 master params, low-precision compute
             params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-        logits, _ = model.apply(params, rng, x, is_training)
+        logits, _ = model.apply(params, rng, x, is_training, None, 0, segment_ids)
         return logits.astype(jnp.float32)
 
     return logits_fn
 
 
-def make_loss_fn(model: hk.Transformed, dtype: str) -> Callable:
+def make_loss_fn(model: hk.Transformed, dtype: str, end_of_text: int | None = None) -> Callable:
+    """(params, rng, x, y, is_training) -> mean next-token cross-entropy.
+
+    `end_of_text` (--config.document_mask): attention stays within the documents that token ends,
+    with segment ids computed from x on the device (`model.document_segment_ids`).
+    """
     logits_fn = make_logits_fn(model, dtype)
 
     def loss_fn(params, rng, x: Int[Array, "B T"], y: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
-        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, rng, x, is_training), y).mean()
+        segment_ids = None if end_of_text is None else document_segment_ids(x, end_of_text)
+        logits = logits_fn(params, rng, x, is_training, segment_ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return loss_fn
 
@@ -148,7 +158,8 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
     model = make_model(mcfg)
     optimizer = make_optimizer(config)
     schedule = lr_schedule(config)
-    loss_fn = make_loss_fn(model, config.dtype)
+    # --config.document_mask: GPT-2's <|endoftext|>, the one separator token (config.check_document_mask)
+    loss_fn = make_loss_fn(model, config.dtype, GPT2_END_OF_TEXT if config.document_mask else None)
     parallel = distributed.make_data_parallel(config, mesh)  # None on one device: nothing below is sharded
 
     # Initialise through the reference attention without the cross-check: attention has no
