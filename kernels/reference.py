@@ -100,9 +100,11 @@ def _softmax_attention(q, k, v, mask, sm_scale, dropout_rate, dropout_seed, q_of
     if mask is not None:
         if mask.ndim == 3:  # [B, Tq, Tk] -> broadcast over the head axes
             mask = mask.reshape(batch, *(1,) * (scores.ndim - 3), q_len, k_len)
-        visible = jnp.any(mask, axis=-1, keepdims=True) if rows_may_be_empty else True
-        # An empty row's scores are set to 0 (finite: no NaN in its softmax or gradient) and zeroed below.
-        scores = jnp.where(mask, scores, jnp.where(visible, -jnp.inf, 0.0) if rows_may_be_empty else -jnp.inf)
+        if rows_may_be_empty:  # an empty row's scores become 0 (a finite softmax and gradient), zeroed below
+            visible = jnp.any(mask, axis=-1, keepdims=True)
+            scores = jnp.where(mask, scores, jnp.where(visible, -jnp.inf, 0.0))
+        else:
+            scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     if mask is not None and rows_may_be_empty:
         probs = jnp.where(visible, probs, 0.0)
