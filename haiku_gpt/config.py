@@ -10,7 +10,6 @@ import ml_collections
 from haiku_gpt.errors import UserError
 from haiku_gpt.model import REMAT_POLICIES, GPTConfig
 from haiku_gpt.system import CPU_MATMUL_LIBRARIES
-from haiku_gpt.tokenizer import document_separator
 from kernels import ATTENTION_IMPLS, check_attention_impl
 
 LR_SCHEDULES = ("cosine", "wsd", "constant")  # optimizer.lr_schedule
@@ -158,17 +157,6 @@ def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:
         raise UserError(f"--config.sample.window={s.window!r} is not one of {', '.join(SAMPLE_WINDOWS)}.")
 
 
-def check_document_mask(config: ml_collections.ConfigDict, meta: dict) -> None:
-    """--config.document_mask needs a dataset whose documents end in a token of their own: GPT-2's BPE."""
-    if config.document_mask and document_separator(meta) is None:
-        raise UserError(
-            f"--config.document_mask=True splits each training window into its documents at the end-of-text "
-            f"token the prepare scripts write after each document, but dataset {config.dataset!r} was prepared "
-            f"with the {meta.get('tokenizer')!r} tokenizer, which has no such token (a character-level dataset "
-            "separates documents with a newline, which is also ordinary text): drop --config.document_mask, "
-            "or prepare the corpus with `--tokenizer gpt2` (data/text/prepare.py).")
-
-
 def kv_heads(config: ml_collections.ConfigDict) -> int:
     """The run's key/value heads: --config.n_kv_head, or n_head when it is 0."""
     return config.n_kv_head or config.n_head
@@ -187,5 +175,5 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "check_document_mask", "kv_heads", "model_config",
-           "padded_vocab_size", "validate", "validate_sample"]
+__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "kv_heads", "model_config", "padded_vocab_size",
+           "validate", "validate_sample"]

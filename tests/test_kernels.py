@@ -553,7 +553,8 @@ def test_under_a_mesh_each_device_runs_its_batch_rows_with_global_dropout_bits(t
 # out, dropout by the shared keep mask of the query head), in both interpreted kernel families.
 # ---------------------------------------------------------------------------
 
-from tests.test_attention_masks import attention_float64, gqa_inputs, segments  # noqa: E402
+from tests.test_attention_masks import attention_float64 as masked_attention_float64  # noqa: E402
+from tests.test_attention_masks import gqa_inputs, segments  # noqa: E402
 
 MASKED_TOL = 2e-5  # dK/dV of a K/V head sum over its query heads: a little more float32 rounding
 
@@ -570,7 +571,7 @@ def assert_flash_matches_float64(out, grads, q, k, v, *, dtype=jnp.float32, **kw
     assert out.dtype == dtype and out.shape == q.shape
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
     assert_finite(out, *grads)
-    ref_out, ref_grads = attention_float64(q, k, v, kwargs.pop("w"), **kwargs)
+    ref_out, ref_grads = masked_attention_float64(q, k, v, kwargs.pop("w"), **kwargs)
     errors = {"out": rel_err(out, ref_out)}
     errors.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
     assert max(errors.values()) <= (MASKED_TOL if dtype == jnp.float32 else BF16_TOL), errors
@@ -627,7 +628,7 @@ def test_flash_segments_skip_nothing_they_need_and_stay_finite():
     ids = jnp.asarray(np.stack([np.repeat([0, 1, 2], [16, 32, 16]), np.repeat([0, 1], [1, 63])]).astype(np.int32))
     out, grads = flash_value_and_grads(q, k, v, w, segment_ids=ids)
     assert_finite(out, *grads)
-    ref_out, ref_grads = attention_float64(q, k, v, w, segment_ids=ids)
+    ref_out, ref_grads = masked_attention_float64(q, k, v, w, segment_ids=ids)
     assert rel_err(out, ref_out) <= 1e-3 and rel_err(grads[2], ref_grads[2]) <= 1e-3
 
 

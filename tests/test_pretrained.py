@@ -219,7 +219,8 @@ def test_finetune_lowers_the_loss_then_resume_sample_and_eval(tiny_config, ckpt,
     assert evals[1]["train_loss"] < evals[0]["train_loss"] - 0.5
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
     meta = checkpoint.read_meta(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000012"))
-    assert meta["model"] == dict(n_layer=2, n_head=4, n_embd=64, block_size=16, bias=True, vocab_size=100)
+    assert meta["model"] == dict(n_layer=2, n_head=4, n_embd=64, n_kv_head=4, block_size=16, bias=True,
+                                 vocab_size=100)  # n_kv_head resolved: GPT-2's key/value head per query head
 
     # resume with the same (tiny.py-shaped) config: the shape comes from the checkpoint's meta
     tiny_config.init_from, tiny_config.max_iters, tiny_config.always_save_checkpoint = "resume", 14, True
