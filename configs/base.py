@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     # data
     c.data_dir = "data"  # datasets live in data_dir/dataset/{train,val}.bin + meta.json
     c.dataset = "openwebtext"
+    c.document_mask = False  # attend only within each document (split at <|endoftext|>; GPT-2 BPE datasets only)
     c.gradient_accumulation_steps = 1
     c.batch_size = 12
     c.block_size = 1024
@@ -37,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.n_layer = 12
     c.n_head = 12
     c.n_embd = 768
+    c.n_kv_head = 0  # key/value heads: 0 = n_head (GPT-2); a divisor of n_head = grouped-query attention (1: MQA)
     c.dropout = 0.0
     c.bias = False
     c.vocab_size = 0  # 0: from the dataset's meta.json (BPE 50257 is padded to 50304)

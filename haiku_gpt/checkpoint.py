@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from haiku_gpt import checkpoint_npz, distributed
-from haiku_gpt.config import MODEL_FIELDS
+from haiku_gpt.config import MODEL_FIELDS, kv_heads
 from haiku_gpt.errors import UserError
 from haiku_gpt.system import fsync_dir
 from haiku_gpt.tokenizer import one_line
@@ -313,6 +313,7 @@ def _set_aside_npz_checkpoints(root: str) -> None:
 def run_meta(config: ml_collections.ConfigDict, dataset, vocab_size: int, **extra) -> dict:
     """meta.json's description of the run: model shape, dataset and vocabulary, the whole config."""
     model_fields = {f: config[f] for f in MODEL_FIELDS if f != "vocab_size"}
+    model_fields["n_kv_head"] = kv_heads(config)  # resolved: n_kv_head=0 and n_kv_head=n_head are one model
     model_fields["vocab_size"] = vocab_size
     vocab = {k: dataset.meta.get(k) for k in ("tokenizer", "vocab_size", "itos")}
     return dict(model=model_fields, dataset=dataset.name, vocab=vocab,
@@ -327,8 +328,10 @@ def check_compatible(meta: dict, expected: dict, out_dir: str) -> None:
             f"the checkpoint in {out_dir} was trained on dataset {meta.get('dataset')!r} with another "
             f"vocabulary than dataset {expected['dataset']!r} has now: use --config.dataset={meta.get('dataset')} "
             "(prepared with the same tokenizer and text), or start a new run in another --config.out_dir.")
-    diffs = [f"{k}: checkpoint {meta['model'].get(k)!r} vs config {v!r}"
-             for k, v in expected["model"].items() if meta["model"].get(k) != v]
+    recorded = dict(meta["model"])
+    recorded.setdefault("n_kv_head", recorded.get("n_head"))  # checkpoints from before n_kv_head: one per head
+    diffs = [f"{k}: checkpoint {recorded.get(k)!r} vs config {v!r}"
+             for k, v in expected["model"].items() if recorded.get(k) != v]
     if diffs:
         raise UserError(
             f"the checkpoint in {out_dir} has a different model shape ({'; '.join(diffs)}): "

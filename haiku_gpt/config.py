@@ -23,7 +23,7 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 SAMPLE_WINDOWS = ("exact", "half")
 EVAL_TASKS = ("loss", "hellaswag")  # --mode=eval: evaluate.py, hellaswag.py
 # Fields that fix the parameter shapes: a checkpoint must agree on all of them.
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "n_kv_head", "block_size", "bias", "vocab_size")
 
 
 def padded_vocab_size(meta: dict, requested: int = 0) -> int:
@@ -105,6 +105,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.n_embd % config.n_head:
         bad(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}: each head gets "
             f"n_embd // n_head channels, so pick e.g. --config.n_head={_divisor_near(config.n_embd, config.n_head)}.")
+    if config.n_kv_head < 0 or (config.n_kv_head and config.n_head % config.n_kv_head):
+        divisors = ", ".join(str(d) for d in range(1, config.n_head + 1) if config.n_head % d == 0)
+        bad(f"--config.n_kv_head={config.n_kv_head} does not divide n_head={config.n_head}: grouped-query attention "
+            f"shares each key/value head among n_head // n_kv_head query heads, so pick one of {divisors} (1: "
+            "multi-query attention), or 0 for as many key/value heads as query heads (GPT-2's attention).")
     if not 0.0 <= config.dropout < 1.0:
         bad(f"--config.dropout={config.dropout} must be in [0, 1).")
     if config.dtype not in DTYPES:
@@ -180,12 +185,17 @@ def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:
         raise UserError(f"--config.sample.window={s.window!r} is not one of {', '.join(SAMPLE_WINDOWS)}.")
 
 
+def kv_heads(config: ml_collections.ConfigDict) -> int:
+    """The run's key/value heads: --config.n_kv_head, or n_head when it is 0."""
+    return config.n_kv_head or config.n_head
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-        n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
-        attention_impl=config.attention_impl, check_attention=config.check_attention, remat=config.remat,
-        loss_chunk_tokens=config.loss_chunk_tokens)
+        n_head=config.n_head, n_embd=config.n_embd, n_kv_head=kv_heads(config), dropout=config.dropout,
+        bias=config.bias, attention_impl=config.attention_impl, check_attention=config.check_attention,
+        remat=config.remat, loss_chunk_tokens=config.loss_chunk_tokens)
 
 
 def _divisor_near(n: int, target: int) -> int:
@@ -193,5 +203,5 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "model_config", "padded_vocab_size", "validate",
-           "validate_sample"]
+__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "kv_heads", "model_config", "padded_vocab_size",
+           "validate", "validate_sample"]

@@ -18,9 +18,10 @@ from haiku_gpt.model import GPTConfig
 def param_count(mcfg: GPTConfig, position_embeddings: bool = False) -> int:
     """The model's parameters, the tied lm_head once; nanoGPT's count leaves out the position embeddings."""
     c, bias = mcfg.n_embd, int(mcfg.bias)
+    qkv = c + 2 * mcfg.kv_heads * mcfg.head_dim  # c_attn's outputs: q, and k and v of KVH heads each (3C without GQA)
     layer_norm = c + bias * c
     per_layer = (2 * layer_norm
-                 + 3 * c * c + bias * 3 * c  # c_attn
+                 + c * qkv + bias * qkv      # c_attn
                  + c * c + bias * c          # attn c_proj
                  + 4 * c * c + bias * 4 * c  # c_fc
                  + 4 * c * c + bias * c)     # mlp c_proj
@@ -29,7 +30,9 @@ def param_count(mcfg: GPTConfig, position_embeddings: bool = False) -> int:
 
 
 def flops_per_token(mcfg: GPTConfig, seq_len: int | None = None) -> float:
-    """nanoGPT's estimate_mfu numerator (PaLM appendix B): 6N + 12 L H D T per token, forward and backward."""
+    """nanoGPT's estimate_mfu numerator (PaLM appendix B): 6N + 12 L H D T per token, forward and backward.
+
+    H counts query heads: with grouped-query attention each query head still scores all T keys."""
     seq_len = mcfg.block_size if seq_len is None else seq_len
     return 6 * param_count(mcfg) + 12 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
 

@@ -17,9 +17,10 @@ import ml_collections
 from haiku_gpt import checkpoint, distributed, pretrained
 from haiku_gpt.config import model_config, padded_vocab_size, resolved, validate
 from haiku_gpt.data import Dataset, open_dataset
+from haiku_gpt.errors import UserError
 from haiku_gpt.model import GPTConfig
 from haiku_gpt.steps import Steps, TrainingState, make_steps
-from haiku_gpt.tokenizer import Tokenizer
+from haiku_gpt.tokenizer import Tokenizer, document_separator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,17 @@ class Experiment:
         return pretrained.load_params(self.config.init_from, self.steps.abstract_state().params, self.log)
 
 
+def check_document_mask(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
+    """--config.document_mask needs a dataset whose documents end in a token of their own: GPT-2's BPE."""
+    if config.document_mask and document_separator(dataset.meta) is None:
+        raise UserError(
+            f"--config.document_mask=True splits each training window into its documents at the end-of-text "
+            f"token the prepare scripts write after each document, but dataset {dataset.name!r} was prepared with "
+            f"the {dataset.meta.get('tokenizer')!r} tokenizer, which has no such token (a character-level dataset "
+            "separates documents with a newline, which is also ordinary text): drop --config.document_mask, or "
+            "prepare the corpus with `--tokenizer gpt2` (data/text/prepare.py).")
+
+
 def setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print, *,
           with_dataset: bool = True) -> Experiment:
     """Everything a mode needs from `config`; raises UserError for a config that cannot work.
@@ -77,6 +89,7 @@ def setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
     config = pretrained.effective_config(config, log)  # init_from=gpt2*: the checkpoint's model shape
     dataset = open_dataset(config.data_dir, config.dataset, config.block_size) if with_dataset else None
     if dataset is not None:
+        check_document_mask(config, dataset)
         vocab_size, valid_vocab, tokenizer = (padded_vocab_size(dataset.meta, config.vocab_size),
                                               dataset.vocab_size, dataset.tokenizer)
     elif pretrained.is_pretrained(config.init_from):

@@ -27,6 +27,8 @@ use. Hugging Face's Conv1D weights are [in, out], as hk.Linear's `w`: nothing is
     exactly.
   - Tokenizers: GPT-2's BPE (bos/eos = <|endoftext|>, 50256: the `gpt2` tokenizer of the Hub
     fits), or "char", whose vocabulary goes beside the weights in meta.json. Any other is refused.
+  - Grouped-query attention (--config.n_kv_head below n_head) is refused: Hugging Face's GPT-2
+    has no such option (its c_attn is always [C, 3C], a key and a value head per query head).
 
 The files are written into a hidden directory beside export_dir and renamed into place, so
 export_dir never holds a half-written export; a directory there that is not a previous export
@@ -46,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from haiku_gpt import pretrained
+from haiku_gpt.config import kv_heads
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import Experiment
 from haiku_gpt.model import LAYER_NORM_EPS, GPTConfig, make_model
@@ -68,6 +71,7 @@ def export_checkpoint(exp: Experiment) -> str:
     dest = export_dir(exp.config)
     check_destination(dest)
     tokenizer = check_tokenizer(exp.dataset.meta, exp.dataset.name)
+    check_attention_heads(exp.config)
     state, meta = exp.restore()
     step = int(meta["step"])
     params = state.params
@@ -97,6 +101,17 @@ def check_tokenizer(meta: dict, dataset: str) -> str:
         f"or a character-level vocabulary written beside it in {META_FILE}; dataset {dataset!r} was prepared "
         f"with tokenizer {kind!r} ({size} tokens), which neither describes. Export a model trained on a "
         "dataset prepared with `--tokenizer gpt2` or `--tokenizer char` (data/text/prepare.py).")
+
+
+def check_attention_heads(config: ml_collections.ConfigDict) -> None:
+    """UserError for a grouped-query model (n_kv_head below n_head), which Hugging Face's GPT-2 cannot hold."""
+    if kv_heads(config) != config.n_head:
+        raise UserError(
+            f"--mode=export writes Hugging Face's GPT-2, whose attention has a key and a value head for each of "
+            f"its n_head query heads (c_attn is [n_embd, 3 * n_embd]; GPT2Config has no option for fewer), but "
+            f"this model has --config.n_kv_head={config.n_kv_head} key/value heads for n_head={config.n_head} "
+            "(grouped-query attention), so it has no GPT-2 form. Keep its checkpoint for haiku_gpt "
+            "(--mode=sample, --mode=eval), or train with --config.n_kv_head=0 to export.")
 
 
 def hf_tensors(params, model_config: GPTConfig, n_vocab: int) -> dict[str, np.ndarray]:

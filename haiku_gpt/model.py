@@ -3,6 +3,7 @@
 Shape glossary:
   B: batch size            T: sequence length (<= block_size)
   C: n_embd (model width)  H: n_head    D: head dim = C // H
+  KVH: key/value heads (n_kv_head; divides H, = H unless grouped-query attention)
   V: vocabulary size       L: n_layer   S: KV-cache length (= block_size)
   N: B * T (tokens flattened: every matmul sees a 2-D [N, C] operand, which
      XLA's CPU backend runs ~1.5x faster than the same matmul on [B, T, C])
@@ -11,6 +12,13 @@ Token + learned position embeddings, pre-LayerNorm blocks (attention then MLP,
 each added to the residual stream), final LayerNorm, and an lm_head tied to the
 token embedding. Dropout is seeded from Haiku's rng (`hk.next_rng_key`), so the
 model is a pure function of (params, rng, tokens) after `hk.transform`.
+
+Two options beyond nanoGPT, both off by default:
+  - grouped-query attention (`n_kv_head` < n_head; 1 is multi-query attention): the fused c_attn
+    projection is C + 2 KVH D wide ([q: H D | k: KVH D | v: KVH D]; with KVH = H exactly GPT-2's
+    [C, 3C]), query head h attends with K/V head h // (H // KVH), and the KV cache holds KVH heads.
+  - document masking: `segment_ids` [B, T] (`document_segment_ids`: the documents between
+    end-of-text tokens) keep each position's attention inside its own document.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class GPTConfig:
     n_layer: int
     n_head: int
     n_embd: int
+    n_kv_head: int = 0  # key/value heads, a divisor of n_head (grouped-query attention); 0: n_head
     dropout: float = 0.0
     bias: bool = False
     attention_impl: str = "reference"
@@ -49,6 +58,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """KVH: the key/value heads (n_kv_head, or n_head when it is 0)."""
+        return self.n_kv_head or self.n_head
 
 
 # --config.remat: which of a block's activations the backward pass keeps (the rest it recomputes
@@ -64,18 +78,18 @@ REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-    """Keys and values for positions 0..S-1, one [B, H, S, D] array per layer (unwritten slots are masked).
+    """Keys and values for positions 0..S-1, one [B, KVH, S, D] array per layer (unwritten slots are masked).
 
     One buffer per layer, not a stacked [L, ...] array: each layer then reads and updates only its
     own buffer, which XLA keeps in place inside the decode loop (no per-token copy of the cache).
     """
 
-    k: tuple[Float[Array, "B H S D"], ...]
-    v: tuple[Float[Array, "B H S D"], ...]
+    k: tuple[Float[Array, "B KVH S D"], ...]
+    v: tuple[Float[Array, "B KVH S D"], ...]
 
 
 def init_kv_cache(config: GPTConfig, batch_size: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+    shape = (batch_size, config.kv_heads, config.block_size, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
     return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)))
 
@@ -116,6 +130,16 @@ def _layer_norm(bias: bool, name: str) -> hk.LayerNorm:
     return hk.LayerNorm(axis=-1, create_scale=True, create_offset=bias, eps=LAYER_NORM_EPS, name=name)
 
 
+def document_segment_ids(idx: Int[Array, "B T"], end_of_text: int) -> Int[Array, "B T"]:
+    """Each position's document within its row: the count of `end_of_text` tokens strictly before it.
+
+    The prepare scripts write an end-of-text token after each document, so the token after one starts
+    a new segment and the end-of-text token itself belongs to the document it ends.
+    """
+    is_end = (idx == end_of_text).astype(jnp.int32)
+    return jnp.cumsum(is_end, axis=-1) - is_end
+
+
 class CausalSelfAttention(hk.Module):
     """Fused qkv projection, causal attention through `kernels.attention`, output projection."""
 
@@ -131,14 +155,18 @@ class CausalSelfAttention(hk.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         positions: Int[Array, "T"] | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "N C"], KVCache | None]:
         cfg = self.config
         n_tokens, width = x.shape
         seq = n_tokens // batch_size
+        kv_width = cfg.kv_heads * cfg.head_dim
         std_proj = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual init
-        qkv = hk.Linear(3 * width, with_bias=cfg.bias, w_init=_normal(0.02), name="c_attn")(x)
-        qkv = qkv.reshape(batch_size, seq, 3, cfg.n_head, cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, D]
+        # [q: H D | k: KVH D | v: KVH D]; with KVH = H exactly GPT-2's [C, 3C] c_attn.
+        qkv = hk.Linear(width + 2 * kv_width, with_bias=cfg.bias, w_init=_normal(0.02), name="c_attn")(x)
+        q = qkv[:, :width].reshape(batch_size, seq, cfg.n_head, cfg.head_dim)  # [B, T, H, D]
+        k = qkv[:, width:width + kv_width].reshape(batch_size, seq, cfg.kv_heads, cfg.head_dim)  # [B, T, KVH, D]
+        v = qkv[:, width + kv_width:].reshape(batch_size, seq, cfg.kv_heads, cfg.head_dim)
 
         if cache is None:
             dropout_rate = cfg.dropout if is_training else 0.0
@@ -147,12 +175,13 @@ class CausalSelfAttention(hk.Module):
                 seed = jax.random.bits(hk.next_rng_key(), dtype=jnp.uint32)
             attend = (functools.partial(kernels.cross_checked_attention, layer=self.module_name)
                       if cfg.check_attention else kernels.attention)  # --config.check_attention: chex vs reference
-            y = attend(q, k, v, impl=cfg.attention_impl, causal=True, dropout_rate=dropout_rate, dropout_seed=seed)
+            y = attend(q, k, v, impl=cfg.attention_impl, causal=True, dropout_rate=dropout_rate, dropout_seed=seed,
+                       segment_ids=segment_ids)
         else:
             # Decoding: write this step's keys/values at their positions of this layer's
             # cache (in place: only T positions are written), then attend over the cache.
             def write(buffers, new):
-                new = new.transpose(0, 2, 1, 3).astype(buffers[layer].dtype)  # [B, H, T, D]: heads-major
+                new = new.transpose(0, 2, 1, 3).astype(buffers[layer].dtype)  # [B, KVH, T, D]: heads-major
                 updated = jax.lax.dynamic_update_slice_in_dim(buffers[layer], new, positions[0], axis=2)
                 return buffers[:layer] + (updated,) + buffers[layer + 1:]
             cache = KVCache(write(cache.k, k), write(cache.v, v))
@@ -187,9 +216,9 @@ class Block(hk.Module):
         super().__init__(name=name)
         self.config = config
 
-    def __call__(self, x, batch_size, is_training, cache=None, layer=0, positions=None):
+    def __call__(self, x, batch_size, is_training, cache=None, layer=0, positions=None, segment_ids=None):
         attn_out, cache = CausalSelfAttention(self.config, name="attn")(
-            _layer_norm(self.config.bias, "ln_1")(x), batch_size, is_training, cache, layer, positions)
+            _layer_norm(self.config.bias, "ln_1")(x), batch_size, is_training, cache, layer, positions, segment_ids)
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(_layer_norm(self.config.bias, "ln_2")(x), is_training)
         return x, cache
@@ -209,11 +238,19 @@ class GPT(hk.Module):
         is_training: bool = False,
         cache: KVCache | None = None,
         start: Int[Array, ""] | int = 0,
+        segment_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "N C"], Float[Array, "V C"], KVCache | None]:
-        """The final LayerNorm's output for every position, the (tied) token embedding, the cache."""
+        """The final LayerNorm's output for every position, the (tied) token embedding, the cache.
+
+        `segment_ids` (document masking, see `document_segment_ids`): attention stays within each
+        position's segment. Positions stay those of the row (0..T-1), as nanoGPT's are.
+        """
         cfg = self.config
         batch_size, seq = idx.shape
         chex.assert_rank(idx, 2)
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids apply to training and evaluation only: decoding with a KV cache "
+                             "continues one document, so pass segment_ids=None with a cache")
         wte = hk.Embed(cfg.vocab_size, cfg.n_embd, w_init=_normal(0.02), name="wte")
         wpe = hk.get_parameter("wpe", [cfg.block_size, cfg.n_embd], init=_normal(0.02))
         positions = jnp.arange(seq) + start
@@ -223,10 +260,10 @@ class GPT(hk.Module):
         for i in range(cfg.n_layer):  # unrolled: faster than hk.layer_stack on CPU
             block = Block(cfg, name=f"h_{i}")
             if cfg.remat == "none" or cache is not None:  # decoding has no backward pass
-                x, cache = block(x, batch_size, is_training, cache, i, positions)
+                x, cache = block(x, batch_size, is_training, cache, i, positions, segment_ids)
             else:
-                x = hk.remat(lambda h, p: block(h, batch_size, is_training, None, i, p)[0],
-                             policy=REMAT_POLICIES[cfg.remat])(x, positions)
+                x = hk.remat(lambda h, p, s: block(h, batch_size, is_training, None, i, p, s)[0],
+                             policy=REMAT_POLICIES[cfg.remat])(x, positions, segment_ids)
         return _layer_norm(cfg.bias, "ln_f")(x), wte.embeddings, cache
 
     def __call__(
@@ -235,18 +272,20 @@ class GPT(hk.Module):
         is_training: bool = False,
         cache: KVCache | None = None,
         start: Int[Array, ""] | int = 0,
+        segment_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T V"], KVCache | None]:
         """Logits for every position; with `cache`, the tokens sit at positions start..start+T-1."""
-        x, embeddings, cache = self.features(idx, is_training, cache, start)
+        x, embeddings, cache = self.features(idx, is_training, cache, start, segment_ids)
         # Tied lm_head: logits against the token embedding, accumulated in float32.
         logits = jnp.dot(x, embeddings.T.astype(x.dtype), preferred_element_type=jnp.float32)
         return logits.reshape(*idx.shape, self.config.vocab_size), cache
 
     @hk.experimental.name_like("__call__")
-    def loss(self, idx: Int[Array, "B T"], targets: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
+    def loss(self, idx: Int[Array, "B T"], targets: Int[Array, "B T"], is_training: bool,
+             segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, ""]:
         """Mean next-token cross-entropy, through the chunked lm_head (haiku_gpt/loss.py): the [B T, V]
         logits never exist at once, and their GEMMs run in the compute dtype."""
-        x, embeddings, _ = self.features(idx, is_training)
+        x, embeddings, _ = self.features(idx, is_training, segment_ids=segment_ids)
         return chunked_cross_entropy(x, embeddings, targets.reshape(-1), self.config.loss_chunk_tokens)
 
 
@@ -259,13 +298,13 @@ def mask_padding(logits: Float[Array, "... V"], valid_vocab: int) -> Float[Array
 
 
 def make_model(config: GPTConfig) -> hk.Transformed:
-    """`init(rng, idx)` / `apply(params, rng, idx, is_training, cache, start)` -> (logits, cache) for the GPT;
-    `apply(params, rng, idx, is_training, targets=targets)` -> the mean cross-entropy loss (nanoGPT's
-    `model(idx, targets)`)."""
+    """`init(rng, idx)` / `apply(params, rng, idx, is_training, cache, start, segment_ids)` -> (logits, cache) for
+    the GPT; `apply(params, rng, idx, is_training, segment_ids=..., targets=targets)` -> the mean cross-entropy
+    loss (nanoGPT's `model(idx, targets)`)."""
 
-    def forward(idx, is_training=False, cache=None, start=0, targets=None):
+    def forward(idx, is_training=False, cache=None, start=0, segment_ids=None, targets=None):
         if targets is not None:  # training and evaluation: the loss, never the whole logits
-            return GPT(config).loss(idx, targets, is_training)
-        return GPT(config)(idx, is_training, cache, start)
+            return GPT(config).loss(idx, targets, is_training, segment_ids)
+        return GPT(config)(idx, is_training, cache, start, segment_ids)
 
     return hk.transform(forward)

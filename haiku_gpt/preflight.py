@@ -255,9 +255,11 @@ def _preflight(exp: Experiment, compile: bool) -> Report:
     config, mcfg = exp.config, exp.model_config
     target, available, source, devices, device_desc = _where(exp)
     analytic = costs.analytic_memory(config, mcfg, devices)
-    model_desc = (f"{mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} wide, block {mcfg.block_size}, "
+    heads = f"{mcfg.n_head} heads" + (f" ({mcfg.kv_heads} key/value)" if mcfg.kv_heads != mcfg.n_head else "")
+    model_desc = (f"{mcfg.n_layer} layers, {heads}, {mcfg.n_embd} wide, block {mcfg.block_size}, "
                   f"vocab {mcfg.vocab_size}, batch {config.batch_size} x {config.gradient_accumulation_steps}, "
-                  f"{config.dtype}, attention {config.attention_impl}")
+                  f"{config.dtype}, attention {config.attention_impl}"
+                  + (", document mask" if config.document_mask else ""))
     report = Report(
         config_name=config.config_name, model=model_desc, device=device_desc, devices=devices,
         params=analytic["params"], params_nanogpt=costs.param_count(mcfg), analytic=analytic,

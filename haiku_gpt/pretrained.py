@@ -8,7 +8,8 @@ layout. Weights are read with `safetensors.numpy`: no torch needed.
 The checkpoint fixes the model's shape: `effective_config` returns the run
 config with n_layer, n_head, n_embd, bias and vocab_size taken from its
 config.json, so everything downstream (model, checkpoint meta, MFU) sees the
-right shape. A value of one of those fields given explicitly on the command
+right shape (GPT-2 has a key and a value head per query head: n_kv_head must be
+0 or its n_head). A value of one of those fields given explicitly on the command
 line (`--config.n_layer=...`) that differs from the checkpoint is refused; the
 values a config file sets are replaced, as nanoGPT does. `dropout` and
 `block_size` are the run's own: a block_size below the checkpoint's
@@ -197,6 +198,13 @@ def effective_config(config: ml_collections.ConfigDict, log: Callable[[str], Non
             f"--config.init_from={config.init_from} fixes the model's shape, but {'; '.join(refused)}: "
             "drop those flags (the checkpoint's values are used), or train from scratch with "
             "--config.init_from=scratch. Only dropout and block_size (up to n_positions) may change.")
+    if config.n_kv_head not in (0, hf["n_head"]):
+        raise UserError(
+            f"--config.init_from={config.init_from} starts from GPT-2, which has as many key/value heads as query "
+            f"heads (n_head={hf['n_head']}: its c_attn weights hold a key and a value for every head), so "
+            f"--config.n_kv_head={config.n_kv_head} (grouped-query attention) cannot load it: drop "
+            "--config.n_kv_head (or set it to 0), or train a grouped-query model from scratch with "
+            "--config.init_from=scratch.")
     if config.block_size > hf["n_positions"]:
         raise UserError(
             f"--config.block_size={config.block_size} is larger than the context of "

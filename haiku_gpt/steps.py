@@ -25,8 +25,9 @@ from jaxtyping import Array, Float, Int
 
 from haiku_gpt import distributed, system
 from haiku_gpt.config import model_config, resolve_dtype
-from haiku_gpt.model import GPTConfig, make_model
+from haiku_gpt.model import GPTConfig, document_segment_ids, make_model
 from haiku_gpt.optimizer import lr_schedule, make_optimizer
+from haiku_gpt.tokenizer import GPT2_END_OF_TEXT
 
 
 class TrainingState(NamedTuple):
@@ -106,21 +107,29 @@ def _in_compute_dtype(params, dtype: str):
 
 
 def make_logits_fn(model: hk.Transformed, dtype: str) -> Callable:
-    """(params, rng, x, is_training) -> float32 logits, computed in `dtype` as the train step computes them."""
+    """(params, rng, x, is_training, segment_ids=None) -> float32 logits, computed in `dtype` as the train step
+    computes them."""
 
-    def logits_fn(params, rng, x: Int[Array, "B T"], is_training: bool) -> Float[Array, "B T V"]:
-        logits, _ = model.apply(_in_compute_dtype(params, dtype), rng, x, is_training)
+    def logits_fn(params, rng, x: Int[Array, "B T"], is_training: bool,
+                  segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+        logits, _ = model.apply(_in_compute_dtype(params, dtype), rng, x, is_training, None, 0, segment_ids)
         return logits.astype(jnp.float32)
 
     return logits_fn
 
 
-def make_loss_fn(model: hk.Transformed, dtype: str) -> Callable:
+def make_loss_fn(model: hk.Transformed, dtype: str, end_of_text: int | None = None) -> Callable:
     """(params, rng, x, y, is_training) -> the mean cross-entropy, computed in `dtype` through the chunked lm_head
-    (haiku_gpt/loss.py: in a bfloat16 run its GEMMs take bfloat16 operands, and no [B T, V] logits exist)."""
+    (haiku_gpt/loss.py: in a bfloat16 run its GEMMs take bfloat16 operands, and no [B T, V] logits exist).
+
+    `end_of_text` (--config.document_mask): attention stays within the documents that token ends,
+    with segment ids computed from x on the device (`model.document_segment_ids`).
+    """
 
     def loss_fn(params, rng, x: Int[Array, "B T"], y: Int[Array, "B T"], is_training: bool) -> Float[Array, ""]:
-        return model.apply(_in_compute_dtype(params, dtype), rng, x, is_training, targets=y)
+        segment_ids = None if end_of_text is None else document_segment_ids(x, end_of_text)
+        return model.apply(_in_compute_dtype(params, dtype), rng, x, is_training, segment_ids=segment_ids,
+                           targets=y)
 
     return loss_fn
 
@@ -156,7 +165,8 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
     optimizer = make_optimizer(config)
     schedule = lr_schedule(config)
     dtype = resolve_dtype(config.dtype, jax.default_backend() if mesh is None else mesh.devices.flat[0].platform)
-    loss_fn = make_loss_fn(model, dtype)
+    # --config.document_mask: GPT-2's <|endoftext|>, the one separator token (config.check_document_mask)
+    loss_fn = make_loss_fn(model, dtype, GPT2_END_OF_TEXT if config.document_mask else None)
     parallel = distributed.make_data_parallel(config, mesh)  # None on one device: nothing below is sharded
 
     # Initialise through the reference attention without the cross-check: attention has no

@@ -27,6 +27,7 @@ META_FILE = "meta.json"
 META_FORMAT = 1  # bump when meta.json's meaning changes
 TOKENIZERS = ("char", "gpt2")
 GPT2_VOCAB_SIZE = 50257
+GPT2_END_OF_TEXT = 50256  # <|endoftext|>: the prepare scripts write it after each document of a GPT-2 BPE dataset
 # Token files hold uint16 ids while the vocabulary fits (GPT-2's does), else uint32. meta.json
 # records which as "dtype"; a meta.json without it is from before uint32 and means uint16.
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -106,6 +107,13 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         # tiktoken replaces a cut-off UTF-8 sequence with U+FFFD instead of raising.
         return self.encoding.decode([int(i) for i in ids])
+
+
+def document_separator(meta: dict[str, Any]) -> int | None:
+    """The token id that ends each document of a prepared dataset, where it is a token of its own: GPT-2's
+    <|endoftext|> (text is encoded with encode_ordinary, so it never comes from the text itself). None for a
+    character-level dataset, whose separator is a newline (and none after a document that ends with one)."""
+    return GPT2_END_OF_TEXT if meta.get("tokenizer") == "gpt2" else None
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

@@ -219,3 +219,14 @@ def test_a_tokenizer_without_a_gpt2_form_is_refused(char, tmp_path, meta):
                                         "which neither describes.*--tokenizer gpt2"):
         export.export_checkpoint(exp)
     assert not os.listdir(tmp_path)
+
+
+def test_a_grouped_query_model_is_refused(char, tmp_path):
+    """Hugging Face's GPT-2 has no grouped-query attention: refused before anything is read or written."""
+    exp = with_export_dir(char[0], tmp_path / "hf")
+    config = copy.deepcopy(exp.config)
+    config.n_kv_head = 1
+    with pytest.raises(UserError, match=r"--config.n_kv_head=1 key/value heads for n_head=2 \(grouped-query "
+                                        r"attention\), so it has no GPT-2 form.*--config.n_kv_head=0 to export"):
+        export.export_checkpoint(dataclasses.replace(exp, config=config))
+    assert not os.listdir(tmp_path)

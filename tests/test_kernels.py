@@ -542,3 +542,111 @@ def test_under_a_mesh_each_device_runs_its_batch_rows_with_global_dropout_bits(t
     result = subprocess.run([sys.executable, str(script), str(Path(__file__).resolve().parents[1])],
                             capture_output=True, text=True, env=env, timeout=600)
     assert "SHARDED OK" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# Grouped-query attention and segment ids (document masking) in the kernel
+#
+# flash_attention(q [B, T, H, D], k, v [B, T, KVH, D], ..., segment_ids [B, T] | None): query head h
+# uses K/V head h // (H // KVH); a query sees only keys of its own segment (with the causal mask).
+# Checked against tests/test_attention_masks.py's float64 definition (K/V repeated, masks spelled
+# out, dropout by the shared keep mask of the query head), in both interpreted kernel families.
+# ---------------------------------------------------------------------------
+
+from tests.test_attention_masks import attention_float64 as masked_attention_float64  # noqa: E402
+from tests.test_attention_masks import gqa_inputs, segments  # noqa: E402
+
+MASKED_TOL = 2e-5  # dK/dV of a K/V head sum over its query heads: a little more float32 rounding
+
+
+def flash_value_and_grads(q, k, v, w, *, streamed=False, **kwargs):
+    """The kernel's output and the gradients of sum(out * w) w.r.t. q, k, v (interpreted on CPU)."""
+    fn = functools.partial(flash_attention, block_q=16, block_k=16, _debug_poison=True, _streamed=streamed,
+                           **kwargs)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    return jax.jit(fn)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+def assert_flash_matches_float64(out, grads, q, k, v, *, dtype=jnp.float32, **kwargs):
+    assert out.dtype == dtype and out.shape == q.shape
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert_finite(out, *grads)
+    ref_out, ref_grads = masked_attention_float64(q, k, v, kwargs.pop("w"), **kwargs)
+    errors = {"out": rel_err(out, ref_out)}
+    errors.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    assert max(errors.values()) <= (MASKED_TOL if dtype == jnp.float32 else BF16_TOL), errors
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_flash_gqa_matches_float64(group, streamed):
+    """8 query heads over 8, 4, 2 and 1 K/V heads; seq 37 in blocks of 16 (a padded tail)."""
+    q, k, v, w = gqa_inputs(group, 2, 37, 8, 8 // group, 16)
+    out, grads = flash_value_and_grads(q, k, v, w, streamed=streamed)
+    assert_flash_matches_float64(out, grads, q, k, v, w=w)
+
+
+@pytest.mark.parametrize("causal,rate", [(False, 0.0), (True, 0.25), (False, 0.25)])
+def test_flash_gqa_non_causal_and_dropout_match_float64(causal, rate):
+    q, k, v, w = gqa_inputs(3, 2, 40, 8, 2, 16)
+    out, grads = flash_value_and_grads(q, k, v, w, causal=causal, dropout_rate=rate, dropout_seed=jnp.uint32(5))
+    assert_flash_matches_float64(out, grads, q, k, v, w=w, causal=causal, dropout_rate=rate, dropout_seed=5)
+
+
+def test_flash_gqa_bfloat16_matches_float64():
+    q, k, v, w = gqa_inputs(4, 2, 50, 4, 1, 64, dtype=jnp.bfloat16)
+    out, grads = flash_value_and_grads(q, k, v, w.astype(jnp.float32))
+    assert_flash_matches_float64(out, grads, q, k, v, w=w, dtype=jnp.bfloat16)
+
+
+def test_flash_gqa_dropout_keep_bits_are_the_query_heads():
+    """V = identity: the output rows are the dropped probabilities, 0 exactly where the query head's bits drop."""
+    batch, seq, heads, kv_heads, rate, seed = 2, 32, 4, 2, 0.3, 99
+    q, k, _, _ = gqa_inputs(11, batch, seq, heads, kv_heads, seq)
+    v = jnp.broadcast_to(jnp.eye(seq)[None, :, None, :], (batch, seq, kv_heads, seq))
+    out = jax.jit(functools.partial(flash_attention, dropout_rate=rate, dropout_seed=seed, block_q=16,
+                                    block_k=16, _debug_poison=True))(q, k, v)
+    kept = np.asarray(out).transpose(0, 2, 1, 3) != 0.0  # [B, H, Tq, Tk]
+    expected = np.array(dropout_keep_mask(seed, batch, heads, seq, seq, rate)) & np.tril(np.ones((seq, seq), bool))
+    np.testing.assert_array_equal(kept, expected)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_segments_match_float64(causal, streamed):
+    """Random document lengths (a one-token document in row 0, row 1 one document), blocks of 16 over 37."""
+    q, k, v, w = gqa_inputs(6, 3, 37, 4, 4, 16)
+    ids = jnp.asarray(segments(6, 3, 37))
+    out, grads = flash_value_and_grads(q, k, v, w, causal=causal, segment_ids=ids, streamed=streamed)
+    assert_flash_matches_float64(out, grads, q, k, v, w=w, causal=causal, segment_ids=ids)
+
+
+def test_flash_segments_skip_nothing_they_need_and_stay_finite():
+    """Documents ending exactly on block edges and a long one spanning blocks; large scores."""
+    q, k, v, w = gqa_inputs(7, 2, 64, 2, 2, 16)
+    q, k = 20.0 * q, 20.0 * k
+    ids = jnp.asarray(np.stack([np.repeat([0, 1, 2], [16, 32, 16]), np.repeat([0, 1], [1, 63])]).astype(np.int32))
+    out, grads = flash_value_and_grads(q, k, v, w, segment_ids=ids)
+    assert_finite(out, *grads)
+    ref_out, ref_grads = masked_attention_float64(q, k, v, w, segment_ids=ids)
+    assert rel_err(out, ref_out) <= 1e-3 and rel_err(grads[2], ref_grads[2]) <= 1e-3
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_flash_segments_with_gqa_and_dropout_match_float64(streamed):
+    q, k, v, w = gqa_inputs(8, 3, 45, 8, 2, 16)
+    ids = jnp.asarray(segments(8, 3, 45))
+    out, grads = flash_value_and_grads(q, k, v, w, segment_ids=ids, dropout_rate=0.2, dropout_seed=jnp.uint32(9),
+                                       streamed=streamed)
+    assert_flash_matches_float64(out, grads, q, k, v, w=w, segment_ids=ids, dropout_rate=0.2, dropout_seed=9)
+
+
+def test_flash_segments_through_the_dispatcher_match_the_reference():
+    """attention(impl='pallas', segment_ids=..., GQA K/V) is the kernel; it agrees with the reference path."""
+    import kernels  # noqa: PLC0415
+
+    q, k, v, _ = gqa_inputs(9, 2, 40, 4, 2, 16)
+    ids = jnp.asarray(segments(9, 2, 40))
+    out = jax.jit(functools.partial(kernels.attention, impl="pallas", segment_ids=ids))(q, k, v)
+    ref = reference_attention(q, k, v, segment_ids=ids)
+    assert rel_err(out, ref) <= 1e-5

@@ -160,6 +160,18 @@ def test_architecture_overrides_are_refused(tiny_config, ckpt):
     assert tiny_config.n_head == 2  # the caller's config is left alone
 
 
+def test_grouped_query_attention_cannot_start_from_gpt2(tiny_config, ckpt):
+    """GPT-2 has a key and a value head per query head: n_kv_head must be 0 or its n_head."""
+    tiny_config.init_from = ckpt
+    tiny_config.n_kv_head = 2
+    with pytest.raises(UserError, match=r"GPT-2, which has as many key/value heads as query heads \(n_head=4.*"
+                                        r"--config.n_kv_head=2 \(grouped-query attention\) cannot load it"):
+        pretrained.effective_config(tiny_config, explicit=set())
+    for fine in (0, 4):
+        tiny_config.n_kv_head = fine
+        assert pretrained.effective_config(tiny_config, explicit=set()).n_head == 4
+
+
 def test_missing_files_give_clear_errors(tmp_path, tiny_config, weights):
     tiny_config.init_from = str(tmp_path)
     with pytest.raises(UserError, match=r"config\.json does not exist.*model\.safetensors"):
@@ -207,7 +219,8 @@ def test_finetune_lowers_the_loss_then_resume_sample_and_eval(tiny_config, ckpt,
     assert evals[1]["train_loss"] < evals[0]["train_loss"] - 0.5
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
     meta = checkpoint.read_meta(os.path.join(tiny_config.out_dir, "checkpoints", "step_00000012"))
-    assert meta["model"] == dict(n_layer=2, n_head=4, n_embd=64, block_size=16, bias=True, vocab_size=100)
+    assert meta["model"] == dict(n_layer=2, n_head=4, n_embd=64, n_kv_head=4, block_size=16, bias=True,
+                                 vocab_size=100)  # n_kv_head resolved: GPT-2's key/value head per query head
 
     # resume with the same (tiny.py-shaped) config: the shape comes from the checkpoint's meta
     tiny_config.init_from, tiny_config.max_iters, tiny_config.always_save_checkpoint = "resume", 14, True

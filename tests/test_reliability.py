@@ -344,7 +344,9 @@ def tiny_config(data_dir, tmp_path):
     return config
 
 
-def test_preflight_analytic_parameter_count_matches_the_model(tiny_config):
+@pytest.mark.parametrize("n_kv_head", [0, 1])  # 1: grouped-query attention, traced with its shapes checked
+def test_preflight_analytic_parameter_count_matches_the_model(tiny_config, n_kv_head):
+    tiny_config.n_kv_head = n_kv_head
     for bias in (False, True):
         tiny_config.bias = bias
         report = preflight.check_shapes(setup(tiny_config, quiet))  # report.params: counted on the traced init

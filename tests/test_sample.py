@@ -1,4 +1,5 @@
-"""The KV-cached sampler against nanoGPT's full recompute, inside and past the context window."""
+"""The KV-cached sampler against nanoGPT's full recompute, inside and past the context window, for a
+multi-head model and a grouped-query one (a KV cache of fewer heads)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,24 @@ from haiku_gpt.sample import generate_tokens, read_prompt
 from haiku_gpt.errors import UserError
 
 CFG = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=32)
+GQA_CFG = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=4, n_embd=32, n_kv_head=1)  # multi-query
+
+
+def init_params(cfg: GPTConfig):
+    # Larger-than-default weights give peaked distributions, so sampling is not a coin toss.
+    params = make_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32))
+    return jax.tree.map(lambda p: p * 8 if p.ndim == 2 else p, params)
 
 
 @pytest.fixture(scope="module")
 def params():
-    # Larger-than-default weights give peaked distributions, so sampling is not a coin toss.
-    params = make_model(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32))
-    return jax.tree.map(lambda p: p * 8 if p.ndim == 2 else p, params)
+    return init_params(CFG)
+
+
+@pytest.fixture(scope="module", params=[CFG, GQA_CFG], ids=["mha", "gqa"])
+def model(request):
+    """(config, params) of the multi-head model and of a grouped-query one."""
+    return request.param, init_params(request.param)
 
 
 def generate(params, context, **kw):
@@ -25,22 +37,23 @@ def generate(params, context, **kw):
 
 
 @pytest.mark.parametrize("prompt_len, new", [(1, 11), (5, 7), (12, 1)])
-def test_cached_equals_recompute_inside_window(params, prompt_len, new):
+def test_cached_equals_recompute_inside_window(model, prompt_len, new):
+    cfg, params = model
     context = np.arange(2 * prompt_len).reshape(2, prompt_len) % 23
-    cached = generate(params, context, max_new_tokens=new)
-    full = generate(params, context, max_new_tokens=new, use_cache=False)
+    cached = generate(params, context, max_new_tokens=new, config=cfg)
+    full = generate(params, context, max_new_tokens=new, use_cache=False, config=cfg)
     np.testing.assert_array_equal(cached, full)
     np.testing.assert_array_equal(cached[:, :prompt_len], context)
 
 
-def crop_and_recompute(params, context, new_tokens, key, temperature, top_k):
+def crop_and_recompute(cfg, params, context, new_tokens, key, temperature, top_k):
     """nanoGPT's generate, written independently: crop to the last block_size tokens, run the
     model's full forward, sample the last position from softmax(logits / temperature) over the
     top_k tokens (Gumbel-max with the sampler's per-step keys), append."""
-    forward = jax.jit(make_model(CFG).apply)  # the model's own forward, compiled per prompt length
+    forward = jax.jit(make_model(cfg).apply)  # the model's own forward, compiled per prompt length
     tokens = np.asarray(context)
     for step_key in jax.random.split(key, new_tokens):
-        logits, _ = forward(params, None, jnp.asarray(tokens[:, -CFG.block_size:], jnp.int32))
+        logits, _ = forward(params, None, jnp.asarray(tokens[:, -cfg.block_size:], jnp.int32))
         logits = logits[:, -1] / temperature
         logits = jnp.where(logits < jnp.sort(logits, axis=-1)[:, -top_k:][:, :1], -jnp.inf, logits)
         token = jax.random.categorical(step_key, logits, axis=-1)
@@ -48,18 +61,20 @@ def crop_and_recompute(params, context, new_tokens, key, temperature, top_k):
     return tokens
 
 
-def test_exact_window_past_block_size_is_nanogpts(params):
+def test_exact_window_past_block_size_is_nanogpts(model):
+    cfg, params = model
     context = np.array([[1, 2, 3], [7, 8, 9]])
-    expected = crop_and_recompute(params, context, 30, jax.random.PRNGKey(3), 2.0, 10)  # 33 > block 12
+    expected = crop_and_recompute(cfg, params, context, 30, jax.random.PRNGKey(3), 2.0, 10)  # 33 > block 12
     for use_cache in (True, False):
-        got = generate(params, context, max_new_tokens=30, temperature=2.0, use_cache=use_cache)
+        got = generate(params, context, max_new_tokens=30, temperature=2.0, use_cache=use_cache, config=cfg)
         np.testing.assert_array_equal(got, expected)
 
 
-def test_half_window_refill_runs_and_agrees_until_the_window_fills(params):
+def test_half_window_refill_runs_and_agrees_until_the_window_fills(model):
+    cfg, params = model
     context = np.array([[1, 2, 3]])
-    exact = generate(params, context, max_new_tokens=30)
-    half = generate(params, context, max_new_tokens=30, window="half")
+    exact = generate(params, context, max_new_tokens=30, config=cfg)
+    half = generate(params, context, max_new_tokens=30, window="half", config=cfg)
     assert half.shape == exact.shape and half.min() >= 0 and half.max() < 23
     np.testing.assert_array_equal(half[:, :13], exact[:, :13])  # identical while everything fits
 

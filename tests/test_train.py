@@ -20,6 +20,7 @@ from haiku_gpt import checkpoint, modes, train
 from haiku_gpt.config import validate
 from haiku_gpt.data import BatchPrefetcher, batch_rng, open_dataset, sample_batch, train_batches
 from haiku_gpt.experiment import setup
+from haiku_gpt.sample import sample_from_checkpoint
 from haiku_gpt.steps import make_steps
 from haiku_gpt.errors import UserError
 from haiku_gpt.optimizer import decay_mask, lr_schedule, make_optimizer, skip_spikes
@@ -82,6 +83,49 @@ def test_bad_schedule_and_profile_fields_are_refused(field, value, message):
     c[field] = value
     with pytest.raises(UserError, match=re.escape(message)):
         validate(c)
+
+
+@pytest.mark.parametrize("n_kv_head, message", [
+    (4, "--config.n_kv_head=4 does not divide n_head=6: grouped-query attention shares each key/value head "
+        "among n_head // n_kv_head query heads, so pick one of 1, 2, 3, 6 (1: multi-query attention), or 0"),
+    (-1, "--config.n_kv_head=-1 does not divide n_head=6"),
+])
+def test_n_kv_head_must_divide_n_head(n_kv_head, message):
+    c = shakespeare_char.get_config()
+    c.n_kv_head = n_kv_head
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(c)
+    for fine in (0, 1, 3, 6):
+        c.n_kv_head = fine
+        validate(c)
+
+
+def test_grouped_query_run_trains_records_its_kv_heads_samples_and_resumes_only_alike(tiny_config):
+    """n_kv_head=1 (multi-query) on the tiny config: the loss falls, the checkpoint records the K/V heads,
+    sampling reads it, and resuming with another n_kv_head names the field."""
+    tiny_config.n_kv_head = 1
+    summary = train.train(setup(tiny_config, lambda s: None))
+    evals = [r["val_loss"] for r in read_metrics(tiny_config.out_dir) if "val_loss" in r]
+    assert summary["step"] == 20 and evals[-1] < evals[0]
+    assert checkpoint.latest_meta(tiny_config.out_dir)["model"]["n_kv_head"] == 1
+    tiny_config.init_from = "resume"
+    texts = sample_from_checkpoint(setup(tiny_config, lambda s: None))
+    assert len(texts) == tiny_config.sample.num_samples and all(texts)
+    tiny_config.n_kv_head = 0  # = n_head = 2: another model
+    with pytest.raises(UserError, match=r"n_kv_head: checkpoint 1 vs config 2"):
+        train.train(setup(tiny_config, lambda s: None))
+
+
+def test_checkpoints_from_before_n_kv_head_resume_as_multi_head(tiny_config):
+    """A checkpoint's meta.json without n_kv_head (saved before it existed) has one K/V head per head."""
+    exp = setup(tiny_config, lambda s: None)
+    expected = exp.run_meta()
+    old = {**expected, "model": {k: v for k, v in expected["model"].items() if k != "n_kv_head"}}
+    assert expected["model"]["n_kv_head"] == tiny_config.n_head
+    checkpoint.check_compatible(old, expected, tiny_config.out_dir)
+    tiny_config.n_kv_head = 1
+    with pytest.raises(UserError, match=r"n_kv_head: checkpoint 2 vs config 1"):
+        checkpoint.check_compatible(old, setup(tiny_config, lambda s: None).run_meta(), tiny_config.out_dir)
 
 
 def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
