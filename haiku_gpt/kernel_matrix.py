@@ -46,12 +46,17 @@ class Case:
     seq: int
     dropout: float
     pass_: str  # "fwd" | "bwd"
+    kv_heads: int = HEADS  # 1: grouped-query K/V (the two query heads share one K/V head)
+    segments: bool = False  # document masking: three segments of the sequence
 
 
-def attention_program(dtype: str, dropout: float, pass_: str):
+def attention_program(dtype: str, dropout: float, pass_: str, segments: bool = False):
     """The function a case compiles: the kernel's forward, or its gradient (all three inputs)."""
-    forward = functools.partial(flash_attention, interpret=False, dropout_rate=dropout,
-                                dropout_seed=jnp.uint32(0) if dropout else None)
+    def forward(q, k, v):
+        ids = (jnp.arange(q.shape[1]) * 3 // q.shape[1])[None].repeat(q.shape[0], 0) if segments else None
+        return flash_attention(q, k, v, interpret=False, dropout_rate=dropout, segment_ids=ids,
+                               dropout_seed=jnp.uint32(0) if dropout else None)
+
     if pass_ == "fwd":
         return forward
     loss = lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32))
@@ -93,13 +98,14 @@ def compile_case(case: Case) -> dict:
     target = targets.parse_target(case.target)
     dtype = jnp.dtype(case.dtype)
     x = jax.ShapeDtypeStruct((1, case.seq, HEADS, case.head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, case.seq, case.kv_heads, case.head_dim), dtype)
     row = dataclasses.asdict(case)
     row["pass"] = row.pop("pass_")
     start = time.perf_counter()
     try:
         one = jax.sharding.SingleDeviceSharding(targets.devices(target)[0])  # a kernel runs per device
-        result = targets.compile_for(target, attention_program(case.dtype, case.dropout, case.pass_),
-                                     x, x, x, in_shardings=(one, one, one), kernels=KERNEL_PREFIX)
+        result = targets.compile_for(target, attention_program(case.dtype, case.dropout, case.pass_, case.segments),
+                                     x, kv, kv, in_shardings=(one, one, one), kernels=KERNEL_PREFIX)
     except Exception as e:  # noqa: BLE001 (the compiler's rejection is the result)
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         row.update(ok=False, seconds=time.perf_counter() - start,

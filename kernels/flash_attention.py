@@ -372,14 +372,18 @@ def _positions(block_index, block_size: int, axis: int):
     return block_index * block_size + lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _score_mask(q_pos, k_pos, *, causal: bool, seq_len: int, seq_padded: int):
-    """Which of the [bq, bk] scores are real: key not padding and (causal) not in the future."""
+def _score_mask(q_pos, k_pos, *, causal: bool, seq_len: int, seq_padded: int, segs=None):
+    """Which of the [bq, bk] scores are real: key not padding, (causal) not in the future and (segment ids,
+    `segs` = (query ids, key ids) shaped like q_pos and k_pos) in the query's own segment."""
     mask = None
     if seq_padded != seq_len:  # padded keys exist only then
         mask = k_pos < seq_len
     if causal:
         below = k_pos <= q_pos
         mask = below if mask is None else mask & below
+    if segs is not None:
+        same = segs[0] == segs[1]
+        mask = same if mask is None else mask & same
     return mask
 
 
@@ -422,12 +426,12 @@ def _row_hasher(seed_ref, dropout_rate: float) -> Callable:
 
 
 def _attend(q, k, v, carry, q_pos, k_pos, row, *, sm_scale: float, causal: bool,
-            dropout_rate: float, geom: _Geometry):
+            dropout_rate: float, geom: _Geometry, segs=None):
     """Fold one key block into the online softmax state (acc [bq, Dp], m [bq, 1], l [bq, 1])."""
     acc, m_prev, l_prev = carry
     s = _dot_nt(q, k) * sm_scale  # [bq, bk] float32 scores
     mask = _score_mask(q_pos, k_pos, causal=causal, seq_len=geom.seq_len,
-                       seq_padded=geom.seq_padded)
+                       seq_padded=geom.seq_padded, segs=segs)
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     # Online softmax: rescale what was accumulated under the old max.
@@ -443,7 +447,7 @@ def _attend(q, k, v, carry, q_pos, k_pos, row, *, sm_scale: float, causal: bool,
 
 
 def _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, *, sm_scale: float,
-                       causal: bool, dropout_rate: float, geom: _Geometry, transposed: bool = False):
+                       causal: bool, dropout_rate: float, geom: _Geometry, transposed: bool = False, segs=None):
     """Rebuild one [bq, bk] tile of P from lse and return (P as applied to V, dS).
 
     dS is the gradient w.r.t. the *unscaled* scores q.k, i.e. already times sm_scale.
@@ -453,7 +457,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, q_pos, k_pos, row, *, sm_scale: 
     """
     s = (_dot_nt(k, q) if transposed else _dot_nt(q, k)) * sm_scale
     mask = _score_mask(q_pos, k_pos, causal=causal, seq_len=geom.seq_len,
-                       seq_padded=geom.seq_padded)
+                       seq_padded=geom.seq_padded, segs=segs)
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     p = jnp.exp(s - lse)  # exact softmax probabilities (masked ones are 0)
@@ -492,32 +496,54 @@ def _accumulate_dq(q, k, v, do, lse, delta, dq, q_pos, k_pos, row, **static):
 
 # ---------------------------------------------------------------------------
 # Loop kernels (Triton, interpreter). Ref shapes are per program (the
-# BlockSpecs squeeze B and H); grid (B, H, blocks).
+# BlockSpecs squeeze B and H); grid (B, H, blocks). With segment ids
+# (`segmented`), three more refs follow v_ref (see `_SegmentRefs`).
 # ---------------------------------------------------------------------------
 
 
-def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geom: _Geometry, **static):
+def _split_refs(refs, segmented: bool, outputs: int):
+    """(segment refs or None, the output refs) from a kernel's refs after its q/k/v-like inputs."""
+    segs, outs = refs[:len(refs) - outputs], refs[len(refs) - outputs:]
+    return (segs if segmented else None), outs
+
+
+def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, *refs, geom: _Geometry, segmented: bool = False, **static):
     # q_ref, o_ref: [bq, Dp] this program's query block
     # k_ref, v_ref: [Tp, Dp] all keys/values of this (batch, head)
     # lse_ref:      [bq, 1]
+    # segmented: q_seg [bq, 1], k_seg [1, Tp], q_first/q_last [bq, 1] (the span of each row's segment)
+    seg_refs, (o_ref, lse_ref) = _split_refs(refs, segmented, 2)
     qi, bk = pl.program_id(2), geom.block_k
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
     q = q_ref[...]
     q_pos = _positions(qi, geom.block_q, axis=0)
     row = row_of(q_pos)  # reused for every key block
+    first, last = 0, _last_k_block(qi, static["causal"], geom)
+    if segmented:
+        q_seg, k_seg_ref, q_first_ref, q_last_ref = seg_refs
+        q_seg = q_seg[...]
+        first, last = _segment_key_blocks(q_first_ref[...], q_last_ref[...], first, last, bk)
 
     def body(kj, carry):
         k, v = k_ref[pl.ds(kj * bk, bk), :], v_ref[pl.ds(kj * bk, bk), :]
-        return _attend(q, k, v, carry, q_pos, _positions(kj, bk, axis=1), row, geom=geom, **static)
+        segs = (q_seg, k_seg_ref[:, pl.ds(kj * bk, bk)]) if segmented else None
+        return _attend(q, k, v, carry, q_pos, _positions(kj, bk, axis=1), row, geom=geom, segs=segs, **static)
 
-    # Blocks above the diagonal (and padding-only blocks) are never visited.
+    # Blocks above the diagonal (and padding-only blocks, and with segment ids blocks outside every
+    # row's segment) are never visited.
     init = (jnp.zeros((geom.block_q, geom.head_dim_padded), jnp.float32),
             jnp.full((geom.block_q, 1), MASK_VALUE, jnp.float32),
             jnp.zeros((geom.block_q, 1), jnp.float32))
-    acc, m, l = lax.fori_loop(0, _last_k_block(qi, static["causal"], geom) + 1, body, init)
-    # Every row sees key 0 (in block 0), so l > 0: no 0/0 even for padded rows.
+    acc, m, l = lax.fori_loop(first, last + 1, body, init)
+    # Every row sees its own key (the diagonal), so l > 0: no 0/0 even for padded rows.
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
+
+
+def _segment_key_blocks(row_first, row_last, first, last, block_k: int):
+    """Narrow the key blocks [first, last] a query block visits to those holding its rows' segments."""
+    return (jnp.maximum(first, lax.div(jnp.min(row_first), block_k)),
+            jnp.minimum(last, lax.div(jnp.max(row_last), block_k)))
 
 
 def _delta_kernel(o_ref, do_ref, delta_ref):
@@ -527,10 +553,13 @@ def _delta_kernel(o_ref, do_ref, delta_ref):
     delta_ref[...] = jnp.sum(o * do, axis=1, keepdims=True)
 
 
-def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                 geom: _Geometry, **static):
+def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geom: _Geometry,
+                 segmented: bool = False, **static):
     # k_ref, v_ref, dk_ref, dv_ref: [bk, Dp] this program's key block
     # q_ref, do_ref: [Tp, Dp]; lse_ref, delta_ref: [Tp, 1] all rows of this (batch, head)
+    # segmented: k_seg [bk, 1] (16-bit: transposed) or [1, bk]; q_seg [1, Tp] or [Tp, 1];
+    #   k_first/k_last [bk, 1] (the span of each key's segment)
+    seg_refs, (dk_ref, dv_ref) = _split_refs(refs, segmented, 2)
     kj, bq = pl.program_id(2), geom.block_q
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
     k, v = k_ref[...], v_ref[...]
@@ -539,40 +568,53 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
     transposed = k.dtype != jnp.float32
     k_pos = _positions(kj, geom.block_k, axis=0 if transposed else 1)
     stats = (lambda x: x.T) if transposed else (lambda x: x)  # lse, delta: [1, bq] rows when transposed
+    # Query blocks whose rows can see this key block: causal starts at the
+    # diagonal. Query blocks made only of padding rows are skipped.
+    first, last = _first_q_block(kj, static["causal"], geom), _last_q_block(geom)
+    if segmented:
+        k_seg, q_seg_ref, k_first_ref, k_last_ref = seg_refs
+        k_seg = k_seg[...]
+        first, last = _segment_key_blocks(k_first_ref[...], k_last_ref[...], first, last, bq)
 
     def body(qi, carry):
         rows = pl.ds(qi * bq, bq)
         q_pos = _positions(qi, bq, axis=1 if transposed else 0)
+        segs = None
+        if segmented:
+            segs = (q_seg_ref[:, rows], k_seg) if transposed else (q_seg_ref[rows, :], k_seg)
         return _accumulate_dkdv(q_ref[rows, :], k, v, do_ref[rows, :], stats(lse_ref[rows, :]),
                                 stats(delta_ref[rows, :]), carry, q_pos, k_pos, row_of(q_pos),
-                                transposed=transposed, geom=geom, **static)
+                                transposed=transposed, geom=geom, segs=segs, **static)
 
-    # Query blocks whose rows can see this key block: causal starts at the
-    # diagonal. Query blocks made only of padding rows are skipped.
     zeros = jnp.zeros((geom.block_k, geom.head_dim_padded), jnp.float32)
-    dk, dv = lax.fori_loop(_first_q_block(kj, static["causal"], geom), _last_q_block(geom) + 1,
-                           body, (zeros, zeros))
+    dk, dv = lax.fori_loop(first, last + 1, body, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               geom: _Geometry, **static):
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geom: _Geometry,
+               segmented: bool = False, **static):
     # q_ref, do_ref, dq_ref: [bq, Dp]; lse_ref, delta_ref: [bq, 1] this program's query block
-    # k_ref, v_ref: [Tp, Dp] all keys/values of this (batch, head)
+    # k_ref, v_ref: [Tp, Dp] all keys/values of this (batch, head); segment refs as the forward's
+    seg_refs, (dq_ref,) = _split_refs(refs, segmented, 1)
     qi, bk = pl.program_id(2), geom.block_k
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_pos = _positions(qi, geom.block_q, axis=0)
     row = row_of(q_pos)
+    first, last = 0, _last_k_block(qi, static["causal"], geom)
+    if segmented:
+        q_seg, k_seg_ref, q_first_ref, q_last_ref = seg_refs
+        q_seg = q_seg[...]
+        first, last = _segment_key_blocks(q_first_ref[...], q_last_ref[...], first, last, bk)
 
     def body(kj, dq):
         k, v = k_ref[pl.ds(kj * bk, bk), :], v_ref[pl.ds(kj * bk, bk), :]
+        segs = (q_seg, k_seg_ref[:, pl.ds(kj * bk, bk)]) if segmented else None
         return _accumulate_dq(q, k, v, do, lse, delta, dq, q_pos, _positions(kj, bk, axis=1),
-                              row, geom=geom, **static)
+                              row, geom=geom, segs=segs, **static)
 
-    dq = lax.fori_loop(0, _last_k_block(qi, static["causal"], geom) + 1, body,
-                       jnp.zeros((geom.block_q, geom.head_dim_padded), jnp.float32))
+    dq = lax.fori_loop(first, last + 1, body, jnp.zeros((geom.block_q, geom.head_dim_padded), jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -582,12 +624,15 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
 # initialised on its first step and written out on its last. Blocks a program
 # need not see are neither computed (pl.when) nor fetched: their index maps
 # clamp to a visible block, and an unchanged block index is not copied again.
+# With segment ids two more refs follow the inputs: the query block's ids
+# [bq, 1] and the key block's [1, bk] (masked; blocks are skipped by causality).
 # ---------------------------------------------------------------------------
 
 
-def _streamed_forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref,
-                             l_ref, *, geom: _Geometry, **static):
+def _streamed_forward_kernel(seed_ref, q_ref, k_ref, v_ref, *refs, geom: _Geometry, segmented: bool = False,
+                             **static):
     # q_ref, o_ref, acc_ref: [bq, Dp]; k_ref, v_ref: [bk, Dp]; lse_ref, m_ref, l_ref: [bq, 1]
+    seg_refs, (o_ref, lse_ref, acc_ref, m_ref, l_ref) = _split_refs(refs, segmented, 5)
     qi, kj = pl.program_id(2), pl.program_id(3)
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
 
@@ -600,10 +645,11 @@ def _streamed_forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_
     @pl.when(kj <= _last_k_block(qi, static["causal"], geom))
     def _step():
         q_pos = _positions(qi, geom.block_q, axis=0)
+        segs = (seg_refs[0][...], seg_refs[1][...]) if segmented else None
         acc, m, l = _attend(q_ref[...], k_ref[...], v_ref[...],
                             (acc_ref[...], m_ref[...], l_ref[...]), q_pos,
                             _positions(kj, geom.block_k, axis=1),
-                            row_of(q_pos), geom=geom, **static)
+                            row_of(q_pos), geom=geom, segs=segs, **static)
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
     @pl.when(kj == geom.num_k_blocks - 1)
@@ -612,10 +658,11 @@ def _streamed_forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_
         lse_ref[...] = m_ref[...] + jnp.log(l_ref[...])
 
 
-def _streamed_dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                          dv_ref, dk_acc, dv_acc, *, geom: _Geometry, **static):
+def _streamed_dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geom: _Geometry,
+                          segmented: bool = False, **static):
     # k_ref, v_ref, dk_ref, dv_ref, dk_acc, dv_acc: [bk, Dp]; q_ref, do_ref: [bq, Dp];
     # lse_ref, delta_ref: [bq, 1]. Grid (B, H, nk, nq): query blocks stream past a key block.
+    seg_refs, (dk_ref, dv_ref, dk_acc, dv_acc) = _split_refs(refs, segmented, 4)
     kj, qi = pl.program_id(2), pl.program_id(3)
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
 
@@ -629,11 +676,12 @@ def _streamed_dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     @pl.when(visible)
     def _step():
         q_pos = _positions(qi, geom.block_q, axis=0)
+        segs = (seg_refs[0][...], seg_refs[1][...]) if segmented else None
         dk, dv = _accumulate_dkdv(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
                                   delta_ref[...], (dk_acc[...], dv_acc[...]), q_pos,
                                   _positions(kj, geom.block_k, axis=1),
                                   row_of(q_pos),
-                                  geom=geom, **static)
+                                  geom=geom, segs=segs, **static)
         dk_acc[...], dv_acc[...] = dk, dv
 
     @pl.when(qi == geom.num_q_blocks - 1)
@@ -642,9 +690,10 @@ def _streamed_dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _streamed_dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-                        dq_acc, *, geom: _Geometry, **static):
+def _streamed_dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geom: _Geometry,
+                        segmented: bool = False, **static):
     # q_ref, do_ref, dq_ref, dq_acc: [bq, Dp]; lse_ref, delta_ref: [bq, 1]; k_ref, v_ref: [bk, Dp]
+    seg_refs, (dq_ref, dq_acc) = _split_refs(refs, segmented, 2)
     qi, kj = pl.program_id(2), pl.program_id(3)
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
 
@@ -655,11 +704,12 @@ def _streamed_dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     @pl.when(kj <= _last_k_block(qi, static["causal"], geom))
     def _step():
         q_pos = _positions(qi, geom.block_q, axis=0)
+        segs = (seg_refs[0][...], seg_refs[1][...]) if segmented else None
         dq_acc[...] = _accumulate_dq(q_ref[...], k_ref[...], v_ref[...], do_ref[...],
                                      lse_ref[...], delta_ref[...], dq_acc[...], q_pos,
                                      _positions(kj, geom.block_k, axis=1),
                                      row_of(q_pos),
-                                     geom=geom, **static)
+                                     geom=geom, segs=segs, **static)
 
     @pl.when(kj == geom.num_k_blocks - 1)
     def _finish():
@@ -788,7 +838,51 @@ def _sum_groups(x, kv_heads: int):
     return x.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim).sum(axis=3)
 
 
-def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed):
+@dataclasses.dataclass(frozen=True)
+class _Segments:
+    """Segment ids in the kernels' layouts, [B, Tp] padded with each row's last id: as columns [B, Tp, 1]
+    (`ids`, and the first and last position holding each position's id, which bound the blocks a block
+    visits) and as rows [B, 1, Tp] (`ids_row`). The trailing or middle 1 keeps every block 2-D."""
+
+    ids: jax.Array
+    ids_row: jax.Array
+    first: jax.Array
+    last: jax.Array
+
+    @staticmethod
+    def build(segment_ids, geom: _Geometry) -> _Segments:
+        ids = segment_ids.astype(jnp.int32)
+        if geom.seq_padded != geom.seq_len:
+            ids = jnp.pad(ids, ((0, 0), (0, geom.seq_padded - geom.seq_len)), mode="edge")
+        first, last = jax.vmap(_segment_spans)(ids)
+        return _Segments(ids[..., None], ids[:, None, :], first[..., None], last[..., None])
+
+
+def _segment_spans(ids):
+    """For each position of one row, the first and last position whose id equals its id ([Tp] each; ids need
+    not be sorted nor contiguous). Sort by id, mark where the id changes, take each group's min and max."""
+    n = ids.shape[0]
+    order = jnp.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    group = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                        (sorted_ids[1:] != sorted_ids[:-1]).astype(jnp.int32)]))
+    first = jax.ops.segment_min(order, group, num_segments=n)
+    last = jax.ops.segment_max(order, group, num_segments=n)
+    group_of = jnp.zeros((n,), jnp.int32).at[order].set(group)
+    return first[group_of].astype(jnp.int32), last[group_of].astype(jnp.int32)
+
+
+def _column(block: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+    """Block of a [B, Tp, 1] segment array: [block, 1]."""
+    return pl.BlockSpec((None, block, 1), lambda b, h, *rest: (b, index(b, h, *rest), 0))
+
+
+def _row(block: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+    """Block of a [B, 1, Tp] segment array: [1, block]."""
+    return pl.BlockSpec((None, 1, block), lambda b, h, *rest: (b, 0, index(b, h, *rest)))
+
+
+def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids=None):
     """O [B, T, H, D] and lse [B, H, T] on one backend."""
     batch, seq_len, heads, head_dim = q.shape
     geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype)
@@ -797,8 +891,18 @@ def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed):
     bq, bk, dp = geom.block_q, geom.block_k, geom.head_dim_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
+    inputs, seg_specs = [qp, kp, vp], []
+    if segment_ids is not None:
+        segs = _Segments.build(segment_ids, geom)
+        static["segmented"] = True
+        if backend.streamed:
+            keys = lambda b, h, i, j: jnp.minimum(j, _last_k_block(i, opts.causal, geom))
+            inputs, seg_specs = inputs + [segs.ids, segs.ids_row], [_column(bq), _row(bk, keys)]
+        else:
+            inputs += [segs.ids, segs.ids_row, segs.first, segs.last]
+            seg_specs = [_column(bq), _row(geom.seq_padded, lambda *_: 0), _column(bq), _column(bq)]
     common = dict(name="flash_attention_forward", sizes=sizes, out_specs=[specs.rows(bq, dp), specs.stats(bq)],
-                  seed=seed, inputs=[qp, kp, vp],
+                  seed=seed, inputs=inputs,
                   out_shapes=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
                               jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)])
     if backend.streamed:
@@ -806,62 +910,80 @@ def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed):
         o, lse = _pallas(
             backend, opts, functools.partial(_streamed_forward_kernel, **static),
             grid=(batch, heads, geom.num_q_blocks, geom.num_k_blocks),
-            in_specs=[specs.rows(bq, dp), specs.kv_rows(bk, dp, keys), specs.kv_rows(bk, dp, keys)],
+            in_specs=[specs.rows(bq, dp), specs.kv_rows(bk, dp, keys), specs.kv_rows(bk, dp, keys), *seg_specs],
             scratch_shapes=[_vmem((bq, dp)), _vmem((bq, 1)), _vmem((bq, 1))], **common)
     else:
         o, lse = _pallas(
             backend, opts, functools.partial(_forward_kernel, **static),
             grid=(batch, heads, geom.num_q_blocks),
             in_specs=[specs.rows(bq, dp), specs.all_rows(geom.seq_padded, dp, kv=True),
-                      specs.all_rows(geom.seq_padded, dp, kv=True)], **common)
+                      specs.all_rows(geom.seq_padded, dp, kv=True), *seg_specs], **common)
     return _from_kernel_layout(o, geom, backend.heads_major), lse[:, :, :seq_len, 0]
 
 
 def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
-             qp, kp, vp, dop, lsep, delta):
+             qp, kp, vp, dop, lsep, delta, segs: _Segments | None):
     """dK, dV in kernel layout, one per query head: per key block, over the query blocks that see it."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
     # Grouped K/V heads: each query head's share comes out in float32 and XLA sums the group.
     out_dtype = kp.dtype if specs.group == 1 else jnp.float32
-    common = dict(name="flash_attention_dkdv", sizes=sizes, seed=seed,
-                  inputs=[qp, kp, vp, dop, lsep, delta],
+    # Grid (B, H, nk, nq) when streamed: query blocks outside [first, last] clamp to the range.
+    last = _last_q_block(geom)
+    queries = lambda b, h, j, i: jnp.minimum(
+        jnp.maximum(i, jnp.minimum(_first_q_block(j, opts.causal, geom), last)), last)
+    keys = lambda b, h, j, i: j
+    inputs, seg_specs = [qp, kp, vp, dop, lsep, delta], []
+    if segs is not None:
+        static["segmented"] = True
+        if backend.streamed:
+            inputs, seg_specs = inputs + [segs.ids, segs.ids_row], [_column(bq, queries), _row(bk, keys)]
+        elif kp.dtype != jnp.float32:  # the kernel's transposed [bk, bq] tiles: key ids a column
+            inputs += [segs.ids, segs.ids_row, segs.first, segs.last]
+            seg_specs = [_column(bk), _row(tp, lambda *_: 0), _column(bk), _column(bk)]
+        else:
+            inputs += [segs.ids_row, segs.ids, segs.first, segs.last]
+            seg_specs = [_row(bk), _column(tp, lambda *_: 0), _column(bk), _column(bk)]
+    common = dict(name="flash_attention_dkdv", sizes=sizes, seed=seed, inputs=inputs,
                   out_shapes=[jax.ShapeDtypeStruct(qp.shape, out_dtype)] * 2)
     if backend.streamed:
-        # Grid (B, H, nk, nq); query blocks outside [first, last] clamp to the range.
-        last = _last_q_block(geom)
-        queries = lambda b, h, j, i: jnp.minimum(
-            jnp.maximum(i, jnp.minimum(_first_q_block(j, opts.causal, geom), last)), last)
-        keys = lambda b, h, j, i: j
         return _pallas(
             backend, opts, functools.partial(_streamed_dkdv_kernel, **static),
             grid=(qp.shape[0], lsep.shape[1], geom.num_k_blocks, geom.num_q_blocks),
             in_specs=[specs.rows(bq, dp, queries), specs.kv_rows(bk, dp, keys),
                       specs.kv_rows(bk, dp, keys), specs.rows(bq, dp, queries),
-                      specs.stats(bq, queries), specs.stats(bq, queries)],
+                      specs.stats(bq, queries), specs.stats(bq, queries), *seg_specs],
             out_specs=[specs.rows(bk, dp, keys), specs.rows(bk, dp, keys)],
             scratch_shapes=[_vmem((bk, dp)), _vmem((bk, dp))], **common)
     return _pallas(
         backend, opts, functools.partial(_dkdv_kernel, **static),
         grid=(qp.shape[0], lsep.shape[1], geom.num_k_blocks),
         in_specs=[specs.all_rows(tp, dp), specs.kv_rows(bk, dp), specs.kv_rows(bk, dp),
-                  specs.all_rows(tp, dp), specs.all_stats(tp), specs.all_stats(tp)],
+                  specs.all_rows(tp, dp), specs.all_stats(tp), specs.all_stats(tp), *seg_specs],
         out_specs=[specs.rows(bk, dp), specs.rows(bk, dp)], **common)
 
 
 def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
-           qp, kp, vp, dop, lsep, delta):
+           qp, kp, vp, dop, lsep, delta, segs: _Segments | None):
     """dQ in kernel layout: per query block, over the key blocks it sees (like the forward)."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
     rows = [specs.rows(bq, dp), specs.stats(bq), specs.stats(bq)]  # do, lse, delta
+    keys = lambda b, h, i, j: jnp.minimum(j, _last_k_block(i, opts.causal, geom))
+    inputs = [qp, kp, vp, dop, lsep, delta]
+    if segs is not None:
+        static["segmented"] = True
+        if backend.streamed:
+            inputs, rows = inputs + [segs.ids, segs.ids_row], rows + [_column(bq), _row(bk, keys)]
+        else:
+            inputs += [segs.ids, segs.ids_row, segs.first, segs.last]
+            rows += [_column(bq), _row(tp, lambda *_: 0), _column(bq), _column(bq)]
     common = dict(name="flash_attention_dq", sizes=sizes, seed=seed,
-                  inputs=[qp, kp, vp, dop, lsep, delta], out_specs=[specs.rows(bq, dp)],
+                  inputs=inputs, out_specs=[specs.rows(bq, dp)],
                   out_shapes=[jax.ShapeDtypeStruct(qp.shape, qp.dtype)])
     if backend.streamed:
-        keys = lambda b, h, i, j: jnp.minimum(j, _last_k_block(i, opts.causal, geom))
         (dq,) = _pallas(
             backend, opts, functools.partial(_streamed_dq_kernel, **static),
             grid=(qp.shape[0], lsep.shape[1], geom.num_q_blocks, geom.num_k_blocks),
@@ -877,7 +999,7 @@ def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes
     return dq
 
 
-def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, o, lse, do):
+def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids, o, lse, do):
     """(dQ [B, T, H, D], dK, dV [B, T, KVH, D]) on one backend."""
     batch, seq_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -892,7 +1014,8 @@ def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, o, lse, do):
         in_specs=[specs.rows(bq, dp), specs.rows(bq, dp)], out_specs=[specs.stats(bq)],
         out_shapes=[jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)],
         inputs=[op, dop])
-    args = (backend, opts, geom, sizes, specs, seed, qp, kp, vp, dop, lsep, delta)
+    segs = None if segment_ids is None else _Segments.build(segment_ids, geom)
+    args = (backend, opts, geom, sizes, specs, seed, qp, kp, vp, dop, lsep, delta, segs)
     dk, dv = _dkdv_on(*args)
     dq = _dq_on(*args)
     dq, dk, dv = (_from_kernel_layout(x, geom, backend.heads_major) for x in (dq, dk, dv))
@@ -923,20 +1046,20 @@ def _per_platform(opts: _Options, fn: Callable, *args):
 # ---------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seed, opts: _Options):
-    return _per_platform(opts, _forward_on, q, k, v, seed)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, seed, segment_ids, opts: _Options):
+    return _per_platform(opts, _forward_on, q, k, v, seed, segment_ids)[0]
 
 
-def _flash_fwd(q, k, v, seed, opts: _Options):
-    o, lse = _per_platform(opts, _forward_on, q, k, v, seed)
-    return o, (q, k, v, seed, o, lse)  # residuals are O(B T H D), never O(T^2)
+def _flash_fwd(q, k, v, seed, segment_ids, opts: _Options):
+    o, lse = _per_platform(opts, _forward_on, q, k, v, seed, segment_ids)
+    return o, (q, k, v, seed, segment_ids, o, lse)  # residuals are O(B T H D), never O(T^2)
 
 
 def _flash_bwd(opts: _Options, residuals, do):
-    q, k, v, seed, o, lse = residuals
-    dq, dk, dv = _per_platform(opts, _backward_on, q, k, v, seed, o, lse, do)
-    return dq, dk, dv, None  # the integer seed has no cotangent
+    q, k, v, seed, segment_ids, o, lse = residuals
+    dq, dk, dv = _per_platform(opts, _backward_on, q, k, v, seed, segment_ids, o, lse, do)
+    return dq, dk, dv, None, None  # the integer seed and segment ids have no cotangent
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -956,6 +1079,7 @@ def flash_attention(
     sm_scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_seed: Int[Array, ""] | UInt32[Array, ""] | int | None = None,
+    segment_ids: Int[Array, "batch q_len"] | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
@@ -976,6 +1100,11 @@ def flash_attention(
       dropout_rate: attention-dropout rate in [0, 1); bit-compatible with
         `reference_attention` for the same `dropout_seed`.
       dropout_seed: int or int32/uint32 scalar array, required when dropping.
+      segment_ids: `[batch, seq]` integers (document masking): a query attends only
+        to keys of its own segment, with the causal mask. Key blocks that hold none
+        of a query block's segments are skipped like those above the diagonal (on
+        Triton and in the interpreter; the TPU kernels mask them). Ids need not be
+        sorted or contiguous.
       block_q, block_k: query/key rows per block; default per platform (CPU
         interpreter 128, GPU 64, TPU 128), clamped to the padded length. Must
         be powers of two on GPU (Triton).
@@ -1007,11 +1136,15 @@ def flash_attention(
     if dropout_rate > 0.0 and dropout_seed is None:
         raise ValueError("dropout_rate > 0 needs a dropout_seed")
 
+    if segment_ids is not None and (segment_ids.shape != q.shape[:2] or
+                                    not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"flash_attention: segment_ids must be integers shaped [batch, seq] = {q.shape[:2]}, "
+                         f"got {segment_ids.dtype}{list(segment_ids.shape)}")
     if q.shape[1] != k.shape[1]:
         # Decode / prefix fall-back: with one (or a few) query rows there is
         # nothing to tile, and the kernel assumes q_len == kv_len.
         return reference_attention(q, k, v, causal=causal, sm_scale=sm_scale,
-                                   dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+                                   dropout_rate=dropout_rate, dropout_seed=dropout_seed, segment_ids=segment_ids)
 
     for name, block in (("block_q", block_q), ("block_k", block_k)):
         if block is not None and (not isinstance(block, int) or block < 8 or block % 8):
@@ -1026,11 +1159,11 @@ def flash_attention(
     seed = jnp.stack([seed, jnp.uint32(0)])
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return _flash(q, k, v, seed, opts)
-    return _sharded_over_batch(mesh, opts, q, k, v, seed)
+        return _flash(q, k, v, seed, segment_ids, opts)
+    return _sharded_over_batch(mesh, opts, q, k, v, seed, segment_ids)
 
 
-def _sharded_over_batch(mesh, opts: _Options, q, k, v, seed):
+def _sharded_over_batch(mesh, opts: _Options, q, k, v, seed, segment_ids=None):
     """Under a device mesh (data-parallel training), each device runs the kernel on its batch rows.
 
     XLA cannot partition a Pallas custom call ("Mosaic kernels cannot be
@@ -1045,9 +1178,10 @@ def _sharded_over_batch(mesh, opts: _Options, q, k, v, seed):
                          f"them, and batch {q.shape[0]} does not divide: use a multiple of {mesh.size}")
     rows = jax.sharding.PartitionSpec(axes)
 
-    def local(q, k, v, seed):
+    def local(q, k, v, seed, segment_ids):
         offset = lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(q.shape[0])
-        return _flash(q, k, v, seed.at[1].add(offset), opts)
+        return _flash(q, k, v, seed.at[1].add(offset), segment_ids, opts)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec()),
-                         out_specs=rows, check_vma=False)(q, k, v, seed)
+    segment_spec = None if segment_ids is None else rows
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec(), segment_spec),
+                         out_specs=rows, check_vma=False)(q, k, v, seed, segment_ids)

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from conftest import needs_cuda, needs_tpu, quiet
+from conftest import _aot_missing, needs_cuda, needs_tpu, quiet
 from haiku_gpt import kernel_matrix, preflight, targets
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup
@@ -35,6 +35,12 @@ TPU_CASES = [
 ]
 
 
+# Grouped-query K/V (2 query heads over 1 K/V head) with segment ids, bf16 and float32, odd lengths.
+MASKED_CASES = [("h100", "bfloat16", 64, 1000, 0.1), ("h100", "bfloat16", 128, 2049, 0.0),
+                ("a100", "float32", 64, 77, 0.0), ("tpu-v5e:1x1", "bfloat16", 128, 4097, 0.1),
+                ("tpu-v6e:1x1", "float32", 64, 1000, 0.0)]
+
+
 def _check(row: dict) -> None:
     assert row["ok"], row["error"]
     assert set(row["kernels"]) == {"forward", "delta", "dkdv", "dq"}, row["kernels"]
@@ -50,6 +56,20 @@ def test_gpu_kernels_compile_without_spills(target, dtype, head_dim, seq, dropou
         assert kernel["spill_bytes"] == 0 and 0 < kernel["registers"] <= 255, (name, kernel)
         assert 0 < kernel["smem_bytes"] <= limit, (name, kernel)
         assert not [w for w in kernel["warnings"] if "serialized" in w], (name, kernel["warnings"])
+
+
+@pytest.mark.parametrize("target,dtype,head_dim,seq,dropout", MASKED_CASES)
+def test_gqa_and_segment_ids_compile_without_spills(target, dtype, head_dim, seq, dropout):
+    if _aot_missing(target):
+        pytest.skip(_aot_missing(target))
+    row = kernel_matrix.compile_case(kernel_matrix.Case(target, dtype, head_dim, seq, dropout, "bwd", kv_heads=1,
+                                                        segments=True))
+    _check(row)
+    for name, kernel in row["kernels"].items():
+        if target.startswith("tpu"):
+            assert kernel["vmem_bytes"] is not None and kernel["vmem_bytes"] <= kernel["vmem_limit_bytes"], name
+        else:
+            assert kernel["spill_bytes"] == 0 and 0 < kernel["registers"] <= 255, (name, kernel)
 
 
 @needs_tpu
