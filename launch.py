@@ -22,10 +22,34 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(globals().get("__file__") or sys.argv[0]))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"),
-    "Path to a config file (configs/*.py); override fields with --config.<field>=<value>.",
-    lock_config=True)
+
+
+def _unknown_field(e):
+    """The paragraph for a --config.<field> the config lacks (ml_collections' KeyError or AttributeError)."""
+    key_error = e if isinstance(e, KeyError) else e.__context__
+    detail = str(key_error.args[0] if key_error is not None and key_error.args else e)
+    return (f"unknown config field {detail.replace(chr(10), '; ')}: check the spelling of the "
+            "--config.<field> flag (every field is listed, with its default, in configs/base.py).")
+
+
+def _exit_with(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _define_config_flag():
+    """--config, default configs/default.py. ml_collections applies --config.<field> overrides to the default
+    file while defining the flag, so an unknown field given without --config fails here, not in the parser."""
+    try:
+        return config_flags.DEFINE_config_file(
+            "config", os.path.join(_HERE, "configs", "default.py"),
+            "Path to a config file (configs/*.py); override fields with --config.<field>=<value>.",
+            lock_config=True)
+    except (AttributeError, KeyError) as e:
+        _exit_with(f"{_unknown_field(e)} Run `python launch.py --helpfull` for the flags.")
+
+
+_CONFIG = _define_config_flag()
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "sample", "eval", "check", "export"],
     "train: train (or resume) a model; sample: generate text from out_dir's checkpoint; "
@@ -55,10 +79,7 @@ def _parse_flags(argv):
     except flags.Error as e:
         message = str(e)
     except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config lacks
-        key_error = e if isinstance(e, KeyError) else e.__context__
-        detail = str(key_error.args[0] if key_error is not None and key_error.args else e)
-        message = (f"unknown config field {detail.replace(chr(10), '; ')}: check the spelling of the "
-                   "--config.<field> flag (every field is listed, with its default, in configs/base.py).")
+        message = _unknown_field(e)
     except Exception as e:  # noqa: BLE001 (a config file that is missing or fails to load)
         message = _config_file_problem(e)
     _exit_with(f"{message} Run `python launch.py --helpfull` for the flags.")
@@ -68,11 +89,6 @@ def _config_file_problem(e):
     last_line = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
     return (f"cannot load the config file given by --config ({last_line}): pass one of configs/*.py, "
             "e.g. --config=configs/shakespeare_char.py.")
-
-
-def _exit_with(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def main(argv):

@@ -136,6 +136,14 @@ BAD_FLAGS = [
 ]
 
 
+def test_an_unknown_field_without_a_config_file_is_one_clear_paragraph():
+    """ml_collections applies --config.<field> to the default config while the flag is defined, before absl
+    parses anything: the unknown field is reported there, as a paragraph."""
+    result = launch("--config.nosuch=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: unknown config field") and "nosuch" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("extra, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_input_is_one_clear_paragraph(trained, extra, message):
     data_dir, out_dir, _ = trained
