@@ -6,7 +6,7 @@ while the flags are parsed, before `jax.distributed.initialize`, which must come
 that starts JAX's backend.
 """
 
-from configs import shakespeare_char, shakespeare_char_cpu
+from haiku_gpt.configs import shakespeare_char, shakespeare_char_cpu
 from haiku_gpt.system import accelerator_platform
 
 

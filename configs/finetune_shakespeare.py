@@ -7,7 +7,7 @@ Prepare the data with `python data/shakespeare/prepare.py`. Afterwards sample th
 pretrained GPT-2 XL itself). A smaller start: --config.init_from=gpt2.
 """
 
-from configs import base
+from haiku_gpt.configs import base
 
 
 def get_config():

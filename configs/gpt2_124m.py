@@ -5,7 +5,7 @@ of 64). Like nanoGPT's train.py, bias=False: nanoGPT prints 123.59M parameters f
 this run (123.69M with --config.bias=True). Not meant to be trained on a CPU.
 """
 
-from configs import base
+from haiku_gpt.configs import base
 
 
 def get_config():

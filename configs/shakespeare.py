@@ -1,6 +1,6 @@
 """Tiny Shakespeare with GPT-2's BPE (data/shakespeare/prepare.py): 4/4/128, block 256, batch 12."""
 
-from configs import base
+from haiku_gpt.configs import base
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """nanoGPT's config/train_shakespeare_char.py: a baby GPT (6/6/384, block 256) on characters."""
 
-from configs import base
+from haiku_gpt.configs import base
 
 
 def get_config():

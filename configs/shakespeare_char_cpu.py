@@ -5,7 +5,7 @@ nanoGPT: python train.py config/train_shakespeare_char.py --device=cpu --compile
   --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
 """
 
-from configs import shakespeare_char
+from haiku_gpt.configs import shakespeare_char
 
 
 def get_config():

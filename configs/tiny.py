@@ -1,6 +1,6 @@
 """A tiny debug config for the tests: 2/2/32, block 16 (attention cross-checking off, as by default)."""
 
-from configs import shakespeare_char_cpu
+from haiku_gpt.configs import shakespeare_char_cpu
 
 
 def get_config():

@@ -209,7 +209,7 @@ def bench_sample(config, vocab: int, new_tokens: int, nanogpt_dir: str | None = 
 
 def bench_attention(config, seqs, impls, iters: int, max_interpret_seq: int) -> dict:
     """Forward and forward+backward time and compiled temp memory per implementation and length."""
-    from kernels import attention  # noqa: PLC0415
+    from haiku_gpt.kernels import attention  # noqa: PLC0415
 
     heads, head_dim = config.n_head, config.n_embd // config.n_head
     rows = []

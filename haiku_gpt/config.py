@@ -11,7 +11,7 @@ import ml_collections
 from haiku_gpt.errors import UserError
 from haiku_gpt.model import REMAT_POLICIES, GPTConfig
 from haiku_gpt.system import CPU_MATMUL_LIBRARIES
-from kernels import ATTENTION_IMPLS, check_attention_impl
+from haiku_gpt.kernels import ATTENTION_IMPLS, check_attention_impl
 
 LR_SCHEDULES = ("cosine", "wsd", "constant")  # optimizer.lr_schedule
 WSD_DECAY_SHAPES = ("linear", "1-sqrt")

@@ -54,7 +54,7 @@ def _median_seconds(f, *args, calls: int = 10, repeats: int = 5) -> float:
 
 def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=jnp.bfloat16) -> list[dict]:
     """Forward and forward+backward TFLOP/s of each attention implementation at each shape (causal FLOPs)."""
-    from kernels import attention  # noqa: PLC0415
+    from haiku_gpt.kernels import attention  # noqa: PLC0415
 
     rows = []
     for batch, seq, heads, head_dim, kv_heads in shapes:
@@ -271,7 +271,7 @@ def _row_text(row: dict) -> str:
 
 
 def _gpt2_config(attention_impl: str):
-    from configs import gpt2_124m  # noqa: PLC0415
+    from haiku_gpt.configs import gpt2_124m  # noqa: PLC0415
 
     config = gpt2_124m.get_config()
     config.update(attention_impl=attention_impl, **GPT2_OVERRIDES)
@@ -279,7 +279,7 @@ def _gpt2_config(attention_impl: str):
 
 
 def _char_config(data_dir: str):
-    from configs import shakespeare_char  # noqa: PLC0415
+    from haiku_gpt.configs import shakespeare_char  # noqa: PLC0415
     from haiku_gpt.config import resolved  # noqa: PLC0415
 
     config = shakespeare_char.get_config()

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from haiku_gpt import targets
-from kernels.flash_attention import flash_attention
+from haiku_gpt.kernels.flash_attention import flash_attention
 
 KERNEL_PREFIX = "flash_attention_"
 DTYPES = ("float32", "bfloat16")

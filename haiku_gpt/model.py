@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-import kernels
+from haiku_gpt import kernels
 from haiku_gpt.loss import chunked_cross_entropy
 
 

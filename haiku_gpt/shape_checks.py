@@ -24,14 +24,14 @@ import jaxtyping
 # re-exports (what model.py calls, `kernels.attention(...)`) and the defining modules' globals
 # (what the dispatcher calls) are patched.
 _KERNEL_FUNCTIONS = (
-    ("kernels", "attention"),
-    ("kernels", "reference_attention"),
-    ("kernels", "cached_attention"),
-    ("kernels.attention", "reference_attention"),
-    ("kernels.flash_attention", "flash_attention"),
-    ("kernels.reference", "dropout_keep_mask"),
+    ("haiku_gpt.kernels", "attention"),
+    ("haiku_gpt.kernels", "reference_attention"),
+    ("haiku_gpt.kernels", "cached_attention"),
+    ("haiku_gpt.kernels.attention", "reference_attention"),
+    ("haiku_gpt.kernels.flash_attention", "flash_attention"),
+    ("haiku_gpt.kernels.reference", "dropout_keep_mask"),
 )
-_CHECKED_MODULE_PREFIXES = ("haiku_gpt.", "kernels.")  # hk.Module classes whose methods are checked
+_CHECKED_MODULE_PREFIXES = ("haiku_gpt.",)  # hk.Module classes whose methods are checked
 
 
 class ShapeCheckError(Exception):
@@ -112,7 +112,7 @@ def shape_checks() -> Iterator[None]:
             module = importlib.import_module(module_name)
             fn = getattr(module, attr)
             patched.append((module, attr, fn))
-            setattr(module, attr, checked(f"kernels.{attr}", fn))
+            setattr(module, attr, checked(f"haiku_gpt.kernels.{attr}", fn))
         with hk.intercept_methods(_module_interceptor):
             yield
     finally:

@@ -420,7 +420,7 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
         if dump is not None:
             options["xla_dump_to"] = str(dump)
         start = time.perf_counter()
-        from kernels.flash_attention import compiling_for  # noqa: PLC0415
+        from haiku_gpt.kernels.flash_attention import compiling_for  # noqa: PLC0415
 
         with compiling_for(target.device_kind):  # the attention kernel's tiles for this device
             lowered = jitted.lower(*abstract)

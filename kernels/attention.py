@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt32
 
-from kernels.reference import (
+from haiku_gpt.kernels.reference import (
     blocked_causal_attention,
     check_attention_inputs,
     default_scale,
@@ -105,7 +105,7 @@ def attention(
         mask = None if segment_ids is None else segment_mask(segment_ids, 0, q.shape[1], k.shape[1])[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
                                             implementation="cudnn" if impl == "cudnn" else None)
-    from kernels.flash_attention import flash_attention  # noqa: PLC0415 (Pallas import is slow)
+    from haiku_gpt.kernels.flash_attention import flash_attention  # noqa: PLC0415 (Pallas import is slow)
     segments = {} if segment_ids is None else {"segment_ids": segment_ids}
     return flash_attention(q, k, v, causal=causal, sm_scale=sm_scale,
                            dropout_rate=dropout_rate, dropout_seed=dropout_seed, **segments)

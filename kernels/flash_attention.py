@@ -102,8 +102,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int, UInt32
 
-from kernels.dropout import keep_mask, keep_threshold, row_hash
-from kernels.reference import default_scale, reference_attention
+from haiku_gpt.kernels.dropout import keep_mask, keep_threshold, row_hash
+from haiku_gpt.kernels.reference import default_scale, reference_attention
 
 # A finite "minus infinity" for masked scores: exp(MASK - m) underflows to 0,
 # while a masked-only block can never produce inf - inf = NaN.

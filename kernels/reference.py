@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
-from kernels.dropout import dropout_keep_mask
+from haiku_gpt.kernels.dropout import dropout_keep_mask
 
 
 def default_scale(head_dim: int, sm_scale: float | None) -> float:

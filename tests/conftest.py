@@ -54,7 +54,7 @@ _fast_cpu_compiles()
 
 import pytest  # noqa: E402
 
-from configs import tiny  # noqa: E402
+from haiku_gpt.configs import tiny  # noqa: E402
 from haiku_gpt import prepare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
+from haiku_gpt import kernels
 from haiku_gpt.data import train_batches
 from haiku_gpt.steps import make_steps
 from haiku_gpt.data import open_dataset
@@ -40,7 +40,7 @@ def test_cudnn_needs_16_bit_inputs():
 
 @pytest.mark.parametrize("impl", ["blocked", "xla", "pallas"])
 def test_impls_match_reference_in_the_model_forward_and_grad(impl, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("kernels.attention"), "BLOCKED_QUERY_BLOCK", 6)  # 3 blocks
+    monkeypatch.setattr(importlib.import_module("haiku_gpt.kernels.attention"), "BLOCKED_QUERY_BLOCK", 6)  # 3 blocks
     cfg = GPTConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=32)
     idx = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 29)
     params = make_model(cfg).init(jax.random.PRNGKey(0), idx)

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.dropout import dropout_keep_mask
-from kernels.reference import blocked_causal_attention, cached_attention, reference_attention
+from haiku_gpt import kernels
+from haiku_gpt.kernels.dropout import dropout_keep_mask
+from haiku_gpt.kernels.reference import blocked_causal_attention, cached_attention, reference_attention
 
 F32_TOL = 2e-5
 HEADS = 8

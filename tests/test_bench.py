@@ -2,7 +2,7 @@
 
 import math
 
-from configs import tiny
+from haiku_gpt.configs import tiny
 from haiku_gpt import bench
 
 

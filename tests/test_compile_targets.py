@@ -154,7 +154,7 @@ def _h100_bf16_step_ops(vocab: int, **fields):
     import jax
     import jax.numpy as jnp
 
-    from configs import tiny
+    from haiku_gpt.configs import tiny
     from haiku_gpt.steps import make_steps
 
     config = tiny.get_config()

@@ -16,7 +16,7 @@ import pytest
 import safetensors
 from safetensors.numpy import load_file
 
-from configs import tiny
+from haiku_gpt.configs import tiny
 from haiku_gpt import export, prepare
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup

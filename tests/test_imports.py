@@ -11,28 +11,29 @@ from tests.conftest import REPO
 
 # Bottom to top. A module may import any module listed before it, and nothing listed after it.
 LAYERS = [
+    "haiku_gpt.names",          # the top-level names kernels/configs left to other packages
     "haiku_gpt.errors",         # UserError: the one exception a user sees as a paragraph
     "haiku_gpt.system",         # the machine: allocator, platforms, memory, compiler options
-    "kernels.dropout",          # the attention-dropout hash
-    "kernels.reference",        # einsum attention (and the cached decode form)
-    "kernels.flash_attention",  # the Pallas kernel
-    "kernels.attention",        # the dispatcher over attention_impl
-    "kernels",
+    "haiku_gpt.kernels.dropout",          # the attention-dropout hash
+    "haiku_gpt.kernels.reference",        # einsum attention (and the cached decode form)
+    "haiku_gpt.kernels.flash_attention",  # the Pallas kernel
+    "haiku_gpt.kernels.attention",        # the dispatcher over attention_impl
+    "haiku_gpt.kernels",
     "haiku_gpt.loss",           # the chunked lm_head + cross-entropy
     "haiku_gpt.model",          # GPT-2 as hk.Modules
     "haiku_gpt.costs",          # parameters, FLOPs, MFU, memory: from the shape alone
     "haiku_gpt.distributed",    # jax.distributed, the mesh and shardings
     "haiku_gpt.targets",        # compile-only GPU/TPU targets
     "haiku_gpt.config",         # config validation, the model shape from a config
-    "configs.base",
-    "configs.shakespeare_char",
-    "configs.shakespeare_char_cpu",
-    "configs.tiny",
-    "configs.shakespeare",
-    "configs.finetune_shakespeare",
-    "configs.gpt2_124m",
-    "configs.default",
-    "configs",
+    "haiku_gpt.configs.base",
+    "haiku_gpt.configs.shakespeare_char",
+    "haiku_gpt.configs.shakespeare_char_cpu",
+    "haiku_gpt.configs.tiny",
+    "haiku_gpt.configs.shakespeare",
+    "haiku_gpt.configs.finetune_shakespeare",
+    "haiku_gpt.configs.gpt2_124m",
+    "haiku_gpt.configs.default",
+    "haiku_gpt.configs",
     "haiku_gpt.optimizer",      # AdamW and the schedule
     "haiku_gpt.tokenizer",
     "haiku_gpt.data",           # the token files and batches
@@ -59,17 +60,20 @@ LAYERS = [
     "haiku_gpt",
     "launch",
 ]
-PACKAGES = ("haiku_gpt", "kernels", "configs")
+# Package name -> its folder in the repository (pyproject.toml's package-dir: kernels/ and configs/ are
+# installed as haiku_gpt.kernels and haiku_gpt.configs).
+PACKAGES = {"haiku_gpt": "haiku_gpt", "haiku_gpt.kernels": "kernels", "haiku_gpt.configs": "configs"}
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)
+def _module_name(package: str, path: Path) -> str:
+    return package if path.stem == "__init__" else f"{package}.{path.stem}"
 
 
 def _project_modules() -> dict[str, Path]:
-    files = [REPO / "launch.py", *(p for pkg in PACKAGES for p in (REPO / pkg).glob("*.py"))]
-    return {_module_name(p): p for p in files}
+    modules = {"launch": REPO / "launch.py"}
+    for package, folder in PACKAGES.items():
+        modules.update({_module_name(package, p): p for p in (REPO / folder).glob("*.py")})
+    return modules
 
 
 def _imports(path: Path, known: set[str]) -> set[str]:
@@ -104,6 +108,27 @@ def test_no_import_runs_back_up():
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     """A deliberate upward import, inside a function as the lazy imports are, is found."""
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from haiku_gpt import train\n    import kernels.attention\n")
-    assert _imports(module, {"haiku_gpt.train", "kernels.attention", "haiku_gpt"}) == {
-        "haiku_gpt.train", "kernels.attention"}
+    module.write_text("def f():\n    from haiku_gpt import train\n    import haiku_gpt.kernels.attention\n")
+    assert _imports(module, {"haiku_gpt.train", "haiku_gpt.kernels.attention", "haiku_gpt"}) == {
+        "haiku_gpt.train", "haiku_gpt.kernels.attention"}
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every absolute module name `path` imports (`from a.b import c` counts a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_kernels_and_configs_are_imported_by_their_package_names():
+    """No module imports the repository's kernels/ or configs/ as the top-level `kernels` or `configs`:
+    those names belong to other packages (Hugging Face's `kernels`, which transformers imports)."""
+    files = {**_project_modules(), **{f"tests.{p.stem}": p for p in (REPO / "tests").glob("*.py")},
+             **{f"data.{p.parent.name}.prepare": p for p in (REPO / "data").glob("*/prepare.py")}}
+    top_level = [f"{name} imports {imported}" for name, path in sorted(files.items())
+                 for imported in sorted(_imported_names(path)) if imported.split(".")[0] in ("kernels", "configs")]
+    assert top_level == []

@@ -23,11 +23,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from kernels.dropout import dropout_keep_mask, element_keep_mask
-from kernels.flash_attention import flash_attention
-from kernels.reference import blocked_causal_attention, reference_attention
+from haiku_gpt.kernels.dropout import dropout_keep_mask, element_keep_mask
+from haiku_gpt.kernels.flash_attention import flash_attention
+from haiku_gpt.kernels.reference import blocked_causal_attention, reference_attention
 
-import kernels.flash_attention as fa  # noqa: E402 (the module, for its internals)
+import haiku_gpt.kernels.flash_attention as fa  # noqa: E402 (the module, for its internals)
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -500,7 +500,7 @@ import functools, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, sys.argv[1])
-from kernels.flash_attention import flash_attention
+from haiku_gpt.kernels.flash_attention import flash_attention
 
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -643,7 +643,7 @@ def test_flash_segments_with_gqa_and_dropout_match_float64(streamed):
 
 def test_flash_segments_through_the_dispatcher_match_the_reference():
     """attention(impl='pallas', segment_ids=..., GQA K/V) is the kernel; it agrees with the reference path."""
-    import kernels  # noqa: PLC0415
+    from haiku_gpt import kernels  # noqa: PLC0415
 
     q, k, v, _ = gqa_inputs(9, 2, 40, 4, 2, 16)
     ids = jnp.asarray(segments(9, 2, 40))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import tiny
+from haiku_gpt.configs import tiny
 from haiku_gpt import modes
 from haiku_gpt.errors import UserError
 from tests.conftest import REPO, corpus_text

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from haiku_gpt.configs import tiny
 from haiku_gpt import loss
 from haiku_gpt.config import model_config
 from haiku_gpt.model import make_model

@@ -45,7 +45,7 @@ def read_event_scalars(out_dir: Path) -> dict[str, dict[int, float]]:
 def run(data_dir, tmp_path_factory):
     """A tiny run, a checkpoint after every step, logged to TensorBoard and to an offline wandb run,
     with a profile of steps 1 and 2."""
-    from configs import tiny
+    from haiku_gpt.configs import tiny
 
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import gpt2_124m, shakespeare_char, shakespeare_char_cpu
+from haiku_gpt.configs import gpt2_124m, shakespeare_char, shakespeare_char_cpu
 from haiku_gpt.config import model_config
 from haiku_gpt.costs import param_count
 from haiku_gpt.model import GPTConfig, document_segment_ids, init_kv_cache, make_model
@@ -219,7 +219,7 @@ def test_document_mask_loss_of_two_documents_is_theirs_apart(impl, monkeypatch):
     Positions would differ (B alone starts at 0), so the position table is set to zero: the model is then
     position-free and each token's logits depend only on the tokens it attends to. Exactly compared:
     T * loss(A + B) == len(A) * loss(A) + len(B) * loss(B), and without the mask B's tokens see A."""
-    monkeypatch.setattr(importlib.import_module("kernels.attention"), "BLOCKED_QUERY_BLOCK", 4)  # 4 blocks of 16
+    monkeypatch.setattr(importlib.import_module("haiku_gpt.kernels.attention"), "BLOCKED_QUERY_BLOCK", 4)  # 4 blocks of 16
     eot = 0
     cfg = small_config(n_head=4, n_kv_head=2, attention_impl=impl)
     params = make_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jaxtyping import Array, Float
 
-from configs import tiny
+from haiku_gpt.configs import tiny
 from haiku_gpt import checkpoint, checkpoint_npz, costs, modes, preflight, prepare
 from haiku_gpt.config import model_config
 from haiku_gpt.errors import UserError
@@ -356,7 +356,7 @@ def test_preflight_analytic_parameter_count_matches_the_model(tiny_config, n_kv_
 
 
 def test_preflight_names_the_function_and_dims_of_a_shape_error(tiny_config, monkeypatch):
-    import kernels
+    from haiku_gpt import kernels
 
     original = kernels.attention
 
@@ -372,12 +372,12 @@ def test_preflight_names_the_function_and_dims_of_a_shape_error(tiny_config, mon
     with pytest.raises(UserError) as e:
         preflight.check_shapes(setup(tiny_config, quiet))
     message = str(e.value)
-    assert "does not trace: shape check failed in kernels.attention: the return value" in message
+    assert "does not trace: shape check failed in haiku_gpt.kernels.attention: the return value" in message
     assert "f32[1,2,16,16]" in message and "q_len=16" in message and "heads=2" in message
 
 
 def test_preflight_reports_a_broken_shape_without_annotations(tiny_config, monkeypatch):
-    import kernels
+    from haiku_gpt import kernels
 
     def mismatched_attention(q, k, v, **kwargs):
         return q + k[:, :-1]  # the bug: the shapes do not broadcast

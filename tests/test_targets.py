@@ -184,7 +184,7 @@ def _flash_forward(name: str) -> targets.CompileResult:
     import jax
     import jax.numpy as jnp
 
-    from kernels.flash_attention import flash_attention
+    from haiku_gpt.kernels.flash_attention import flash_attention
 
     qkv = jax.ShapeDtypeStruct((1, SEQ, 2, HEAD_DIM), jnp.bfloat16)
     return targets.compile_for(name, lambda q, k, v: flash_attention(q, k, v, interpret=False), qkv, qkv, qkv,

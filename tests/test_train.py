@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import shakespeare_char
+from haiku_gpt.configs import shakespeare_char
 from haiku_gpt import checkpoint, modes, train
 from haiku_gpt.config import validate
 from haiku_gpt.data import BatchPrefetcher, batch_rng, open_dataset, sample_batch, train_batches
