@@ -4,7 +4,7 @@
 gathered whole onto process 0), and `meta.json` the run's description with `num_leaves` and a
 sha256 of `state.npz`. haiku_gpt no longer writes it during training: `checkpoint.Checkpoints`
 converts such a directory into an orbax checkpoint the first time it is loaded. `write` remains
-for the benchmark that compares the two formats (`python -m haiku_gpt.bench checkpoint`) and for
+for the benchmark that compares the two formats (`python -m haiku_gpt.benchmarks.bench checkpoint`) and for
 the tests of that conversion.
 """
 

@@ -41,9 +41,9 @@ def padded_vocab_size(meta: dict, requested: int = 0) -> int:
     return vocab
 
 
-def _platform(config: ml_collections.ConfigDict) -> str | None:
+def _platform(config: ml_collections.ConfigDict, mesh=None) -> str | None:
     """The platform the run compiles for, where it matters (cuDNN attention): the target's, or this one's."""
-    return run_platform(config) if config.attention_impl == "cudnn" else None
+    return run_platform(config, mesh) if config.attention_impl == "cudnn" else None
 
 
 def resolve_dtype(dtype: str, platform: str) -> str:
@@ -54,27 +54,28 @@ def resolve_dtype(dtype: str, platform: str) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def run_platform(config: ml_collections.ConfigDict) -> str:
-    """'cpu', 'gpu' or 'tpu': what the run compiles for, --config.target's platform or this process's backend."""
-    if config.target:
-        from haiku_gpt import targets  # noqa: PLC0415
+def run_platform(config: ml_collections.ConfigDict, mesh=None) -> str:
+    """'cpu', 'gpu' or 'tpu': what the run compiles for: `mesh`'s devices (--config.target's compile-only
+    devices, which the preflight resolves: `preflight.target_mesh`), else this process's backend."""
+    if mesh is not None:
+        platform = mesh.devices.flat[0].platform
+    elif config.target:
+        raise UserError(f"--config.target={config.target} compiles for hardware that is not here: it works only "
+                        "with --mode=check, which resolves the target's devices.")
+    else:
+        import jax  # noqa: PLC0415 (after jax.distributed.initialize)
 
-        try:
-            return targets.parse_target(config.target).platform
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    import jax  # noqa: PLC0415 (after jax.distributed.initialize)
-
-    return {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+        platform = jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
 
 
-def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolved(config: ml_collections.ConfigDict, mesh=None) -> ml_collections.ConfigDict:
     """`config` with its automatic choices made for the run's platform (dtype=auto): a copy, or `config` itself
     when nothing is automatic. What every mode and the logs then see."""
     if config.dtype != "auto":
         return config
     config = copy.deepcopy(config)
-    config.dtype = resolve_dtype("auto", run_platform(config))
+    config.dtype = resolve_dtype("auto", run_platform(config, mesh))
     return config
 
 
@@ -93,8 +94,9 @@ def profile_window(value: str) -> tuple[int, int] | None:
     return start, stop
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise UserError for anything that would fail later, before any work is done."""
+def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
+    """Raise UserError for anything that would fail later, before any work is done. `mesh`: the compile-only
+    devices of --config.target (`preflight.target_mesh`), whose platform decides dtype=auto and cuDNN."""
     def bad(msg: str) -> None:
         raise UserError(msg)
 
@@ -114,9 +116,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad(f"--config.dropout={config.dropout} must be in [0, 1).")
     if config.dtype not in DTYPES:
         bad(f"--config.dtype={config.dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
-    config = resolved(config)  # dtype=auto: the run's
+    config = resolved(config, mesh)  # dtype=auto: the run's
     try:
-        check_attention_impl(config.attention_impl, config.dropout, platform=_platform(config),
+        check_attention_impl(config.attention_impl, config.dropout, platform=_platform(config, mesh),
                              dtype=config.dtype)
     except ValueError as e:
         bad(f"{e}.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import ml_collections
 
@@ -31,6 +31,7 @@ class Experiment:
     valid_vocab: int  # real tokens: the rows past it are never sampled
     tokenizer: Tokenizer | None  # None for a compile-only check without a dataset
     log: Callable[[str], None]  # print on process 0, silent on the others
+    mesh: Any = None  # --config.target: its compile-only devices (preflight.target_mesh); None: this process's
 
     @property
     def model_config(self) -> GPTConfig:
@@ -40,12 +41,7 @@ class Experiment:
     def steps(self) -> Steps:
         """The jitted functions, built on first use: the preflight's analytic estimate refuses a run that
         cannot fit before anything (even the abstract init that lays out several devices) is traced."""
-        mesh = None
-        if self.config.target:  # compile-only devices of another machine (haiku_gpt/targets.py)
-            from haiku_gpt import targets  # noqa: PLC0415 (the aot extra is optional)
-
-            mesh = targets.make_mesh(targets.parse_target(self.config.target))
-        return make_steps(self.config, self.vocab_size, mesh)
+        return make_steps(self.config, self.vocab_size, self.mesh)
 
     @property
     def is_main(self) -> bool:
@@ -76,14 +72,15 @@ def check_document_mask(config: ml_collections.ConfigDict, dataset: Dataset) -> 
 
 
 def setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print, *,
-          with_dataset: bool = True) -> Experiment:
+          with_dataset: bool = True, mesh=None) -> Experiment:
     """Everything a mode needs from `config`; raises UserError for a config that cannot work.
 
     `with_dataset=False`: the vocabulary comes from the config (or the pretrained checkpoint)
-    instead of a dataset.
+    instead of a dataset. `mesh`: with --config.target, the target's compile-only devices, which
+    `preflight.target_mesh(config)` resolves (the aot tools are not the trainer's to import).
     """
-    validate(config)
-    config = resolved(config)  # --config.dtype=auto: bfloat16 on a GPU/TPU, float32 on the CPU
+    validate(config, mesh)
+    config = resolved(config, mesh)  # --config.dtype=auto: bfloat16 on a GPU/TPU, float32 on the CPU
     if not distributed.is_main_process():
         log = distributed.quiet_log
     config = pretrained.effective_config(config, log)  # init_from=gpt2*: the checkpoint's model shape
@@ -98,4 +95,4 @@ def setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
     else:
         vocab_size = valid_vocab = config.vocab_size
         tokenizer = None
-    return Experiment(config, dataset, vocab_size, valid_vocab, tokenizer, log)
+    return Experiment(config, dataset, vocab_size, valid_vocab, tokenizer, log, mesh)

@@ -20,19 +20,20 @@ from haiku_gpt.experiment import setup
 def run(mode: str, config: ml_collections.ConfigDict) -> int:
     """Run `mode`; returns the process's exit code (128 + the signal when a signal stopped training).
     Bad input raises UserError, whose message launch.py prints as one paragraph."""
-    chosen = resolved(config)  # --config.dtype=auto: bfloat16 on a GPU/TPU, float32 on the CPU
+    if config.target and mode != "check":
+        raise UserError(f"--config.target={config.target} compiles for hardware that is not here, so it "
+                        f"works only with --mode=check (not --mode={mode}); drop it to {mode} on this machine.")
+    mesh = preflight.target_mesh(config)  # --config.target: its compile-only devices (None otherwise)
+    chosen = resolved(config, mesh)  # --config.dtype=auto: bfloat16 on a GPU/TPU, float32 on the CPU
     if distributed.is_main_process():  # several processes: only process 0 prints
         auto = " (auto)" if chosen.dtype != config.dtype else ""
         print(f"config: {config.config_name}; mode: {mode}; {_devices(config)}; dtype {chosen.dtype}{auto}; "
               f"attention {config.attention_impl}", flush=True)
     config = chosen
-    if config.target and mode != "check":
-        raise UserError(f"--config.target={config.target} compiles for hardware that is not here, so it "
-                        f"works only with --mode=check (not --mode={mode}); drop it to {mode} on this machine.")
     with_dataset = needs_dataset(mode, config)
     if with_dataset and mode in ("train", "check"):
         prepare.ensure_prepared(os.path.join(config.data_dir, config.dataset), config.dataset)
-    exp = setup(config, with_dataset=with_dataset)  # built once, for every mode
+    exp = setup(config, with_dataset=with_dataset, mesh=mesh)  # built once, for every mode
     if mode == "check":
         preflight.check_compiled(exp)
     elif mode == "sample":

@@ -29,7 +29,7 @@ import inspect
 import os
 import time
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -202,7 +202,7 @@ def _kernel_line(kernel) -> str:
 
 def _compile_for_target(report: Report, target, steps, state, tokens, config) -> None:
     """Compile the sharded train step for `target`'s compile-only devices; refuse it if it does not fit."""
-    from haiku_gpt import targets  # noqa: PLC0415
+    from haiku_gpt.aot import targets  # noqa: PLC0415
 
     result = targets.compile_for(target, steps.train_steps, state, tokens, tokens, kernels="flash_attention_")
     if result.flops is not None:
@@ -235,6 +235,16 @@ def check_compiled(exp: Experiment) -> Report:
     return report
 
 
+def target_mesh(config) -> Any:
+    """--config.target's compile-only devices as a mesh for `setup(config, mesh=...)` (None without a target):
+    the one place outside the aot tools that resolves a target. A bad name is a UserError listing the targets."""
+    if not config.target:
+        return None
+    from haiku_gpt.aot import targets  # noqa: PLC0415 (the aot extra is optional)
+
+    return targets.make_mesh(targets.parse_target(config.target))
+
+
 def _where(exp: Experiment):
     """(target or None, bytes available per device or None, where that figure comes from, devices, description)."""
     config = exp.config
@@ -242,7 +252,7 @@ def _where(exp: Experiment):
         device = jax.devices()[0]
         available, source = available_memory(device)
         return None, available, source, jax.device_count(), f"{device.platform} ({device.device_kind})"
-    from haiku_gpt import targets  # noqa: PLC0415 (the aot extra is optional)
+    from haiku_gpt.aot import targets  # noqa: PLC0415 (the aot extra is optional)
 
     target = targets.parse_target(config.target)
     description = (f"{target.name}: {target.num_devices} x {target.device_kind}, compile-only (params and AdamW "

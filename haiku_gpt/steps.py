@@ -159,7 +159,7 @@ def norms(grads, updates, params) -> dict[str, Float[Array, ""]]:
 
 def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh | None = None) -> Steps:
     """The run's model and jitted functions; `mesh`: lay them out over these devices instead of this
-    process's (compile-only devices of `haiku_gpt.targets`, for `--mode=check --config.target=...`)."""
+    process's (compile-only devices of `haiku_gpt.aot.targets`, for `--mode=check --config.target=...`)."""
     mcfg = model_config(config, vocab_size)
     model = make_model(mcfg)
     optimizer = make_optimizer(config)

@@ -151,7 +151,7 @@ def select_platforms() -> str | None:
     plugin logs a cuDNN traceback, libtpu prints worker-hostname errors, and both cost start-up time.
     Where an NVIDIA GPU, a TPU or an AMD GPU is present nothing changes: JAX picks the backend as it
     always does (only the absent platform is kept quiet, see `quiet_absent_accelerators`).
-    Compile-only targets (`haiku_gpt.targets`) work with JAX_PLATFORMS=cpu: they load the plugins
+    Compile-only targets (`haiku_gpt.aot.targets`) work with JAX_PLATFORMS=cpu: they load the plugins
     themselves. Call before `import jax`. Returns the value set, or None when nothing was set.
     """
     quiet_absent_accelerators()

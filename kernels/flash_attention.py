@@ -64,7 +64,7 @@ Mosaic GPU, which rejects some of the ops used here; passing
 `plgpu.CompilerParams` selects Triton), TPU lowers through Mosaic TPU. So
 `jax.jit(f).lower(lowering_platforms=("cuda",))` from a CPU-only machine
 builds the real Triton kernel, which is how the tests prove that the GPU and
-TPU kernels lower (and, with `haiku_gpt.targets`, compile). Per-platform
+TPU kernels lower (and, with `haiku_gpt.aot.targets`, compile). Per-platform
 tiles (`BlockSizes`; always clamped to the padded sequence length):
   interpret (CPU): 128/128: every grid step costs interpreter overhead, so big
                    blocks are cheap.

@@ -106,7 +106,7 @@ def _tiktoken_cache():
 
 def _aot_missing(name: str) -> str | None:
     """Why compiling for target `name` cannot run here (the aot extra is missing), or None."""
-    from haiku_gpt import targets  # noqa: PLC0415
+    from haiku_gpt.aot import targets  # noqa: PLC0415
 
     try:
         targets.require_aot(name)

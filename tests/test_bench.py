@@ -3,7 +3,7 @@
 import math
 
 from haiku_gpt.configs import tiny
-from haiku_gpt import bench
+from haiku_gpt.benchmarks import bench
 
 
 def finite_positive(x) -> bool:

@@ -13,7 +13,8 @@ import math
 import pytest
 
 from conftest import _aot_missing, needs_cuda, needs_tpu, quiet
-from haiku_gpt import kernel_matrix, preflight, targets
+from haiku_gpt import preflight
+from haiku_gpt.aot import kernel_matrix, targets
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup
 
@@ -97,6 +98,11 @@ def test_a_rejected_compile_is_a_failed_row_not_an_exception(monkeypatch):
 # --- --mode=check --config.target=... -------------------------------------------------------------
 
 
+def _setup(config):
+    """setup() as --mode=check does it: the target's compile-only devices resolved by the preflight."""
+    return setup(config, quiet, mesh=preflight.target_mesh(config))
+
+
 def _target_config(tiny_config, target: str, **overrides):
     tiny_config.target = target
     tiny_config.check_attention = False
@@ -109,7 +115,7 @@ def _target_config(tiny_config, target: str, **overrides):
 
 @needs_tpu
 def test_check_compiles_the_sharded_train_step_for_a_tpu_slice(tiny_config):
-    report = preflight.check_compiled(setup(_target_config(tiny_config, "tpu-v5e:2x2", fsdp=True), quiet))
+    report = preflight.check_compiled(_setup(_target_config(tiny_config, "tpu-v5e:2x2", fsdp=True)))
     assert report.devices == 4 and "tpu-v5e:2x2: 4 x TPU v5 lite" in report.device
     assert report.available == 16 * 2**30 and report.memory["peak"] > 0
     assert report.compiled_flops and report.compiled_flops > 0
@@ -123,7 +129,7 @@ def test_check_compiles_the_sharded_train_step_for_a_tpu_slice(tiny_config):
 @needs_cuda
 def test_check_reports_gpu_kernel_registers_for_a_gpu_host(tiny_config):
     # One layer: every layer compiles the same four kernels.
-    report = preflight.check_compiled(setup(_target_config(tiny_config, "h100x2", n_layer=1), quiet))
+    report = preflight.check_compiled(_setup(_target_config(tiny_config, "h100x2", n_layer=1)))
     assert report.devices == 2 and report.memory["peak"] < report.available
     assert all("0 bytes spilled" in line for line in report.kernels), report.kernels
     assert len(report.kernels) == 4
@@ -135,7 +141,7 @@ def test_check_refuses_gpt2_xl_on_a_tpu_slice_without_fsdp_and_names_the_fixes(t
     config = _target_config(tiny_config, "tpu-v5e:2x4", n_layer=48, n_head=25, n_embd=1600,
                             block_size=1024, batch_size=8, dropout=0.0)
     with pytest.raises(UserError) as e:
-        preflight.check_compiled(setup(config, quiet))
+        preflight.check_compiled(_setup(config))
     message = str(e.value)
     assert "would not fit in memory" in message and "TPU v5 lite HBM per device" in message
     assert "--config.fsdp=True" in message and "16.00 GiB" in message
@@ -143,7 +149,7 @@ def test_check_refuses_gpt2_xl_on_a_tpu_slice_without_fsdp_and_names_the_fixes(t
 
 def test_target_with_a_bad_name_is_a_clear_error(tiny_config):
     with pytest.raises(UserError, match="valid targets are"):
-        preflight.check_compiled(setup(_target_config(tiny_config, "b200x8"), quiet))
+        preflight.check_compiled(_setup(_target_config(tiny_config, "b200x8")))
 
 
 # --- the bf16 train step on an H100: what the GPU runs, read from its optimized HLO ---------------

@@ -23,7 +23,6 @@ LAYERS = [
     "haiku_gpt.model",          # GPT-2 as hk.Modules
     "haiku_gpt.costs",          # parameters, FLOPs, MFU, memory: from the shape alone
     "haiku_gpt.distributed",    # jax.distributed, the mesh and shardings
-    "haiku_gpt.targets",        # compile-only GPU/TPU targets
     "haiku_gpt.config",         # config validation, the model shape from a config
     "haiku_gpt.configs.base",
     "haiku_gpt.configs.shakespeare_char",
@@ -39,7 +38,6 @@ LAYERS = [
     "haiku_gpt.data",           # the token files and batches
     "haiku_gpt.corpus",         # .txt/.jsonl/.parquet files and Hugging Face datasets as streams of documents
     "haiku_gpt.prepare",        # text -> token files
-    "haiku_gpt.prepare_bench",  # peak memory and throughput of prepare on a generated corpus
     "haiku_gpt.metrics",        # metrics.jsonl, loss.png, the step log
     "haiku_gpt.checkpoint_npz", # the checkpoint format before orbax, read to convert it
     "haiku_gpt.checkpoint",     # orbax checkpoints, and restoring one into a run
@@ -51,18 +49,23 @@ LAYERS = [
     "haiku_gpt.sample",         # generation, --mode=sample
     "haiku_gpt.export",         # --mode=export: a checkpoint as Hugging Face GPT-2
     "haiku_gpt.shape_checks",   # jaxtyping checks for abstract traces
-    "haiku_gpt.preflight",      # --mode=check and the check before training
+    "haiku_gpt.aot.targets",    # compile-only GPU/TPU targets (a tool: only the preflight, below, uses it)
+    "haiku_gpt.aot",
+    "haiku_gpt.preflight",      # --mode=check and the check before training; resolves --config.target
     "haiku_gpt.train",          # the training loop
     "haiku_gpt.modes",          # what launch.py runs for each --mode
-    "haiku_gpt.kernel_matrix",  # the compile matrix of the kernel
-    "haiku_gpt.gpu_bench",      # --what=gpu: kernels, the train steps and nanoGPT on one GPU
-    "haiku_gpt.bench",
+    "haiku_gpt.aot.kernel_matrix",  # the compile matrix of the kernel
+    "haiku_gpt.benchmarks.prepare_bench",  # peak memory and throughput of prepare on a generated corpus
+    "haiku_gpt.benchmarks.gpu_bench",  # --what=gpu: kernels, the train steps and nanoGPT on one GPU
+    "haiku_gpt.benchmarks.bench",
+    "haiku_gpt.benchmarks",
     "haiku_gpt",
     "launch",
 ]
 # Package name -> its folder in the repository (pyproject.toml's package-dir: kernels/ and configs/ are
 # installed as haiku_gpt.kernels and haiku_gpt.configs).
-PACKAGES = {"haiku_gpt": "haiku_gpt", "haiku_gpt.kernels": "kernels", "haiku_gpt.configs": "configs"}
+PACKAGES = {"haiku_gpt": "haiku_gpt", "haiku_gpt.aot": "haiku_gpt/aot", "haiku_gpt.benchmarks": "haiku_gpt/benchmarks",
+            "haiku_gpt.kernels": "kernels", "haiku_gpt.configs": "configs"}
 
 
 def _module_name(package: str, path: Path) -> str:
@@ -132,3 +135,13 @@ def test_kernels_and_configs_are_imported_by_their_package_names():
     top_level = [f"{name} imports {imported}" for name, path in sorted(files.items())
                  for imported in sorted(_imported_names(path)) if imported.split(".")[0] in ("kernels", "configs")]
     assert top_level == []
+
+
+def test_the_trainer_imports_no_tool():
+    """The compile-only targets (haiku_gpt.aot) and the benchmarks are tools beside the trainer: no module of the
+    trainer imports them; the preflight (--mode=check) alone resolves --config.target and hands setup its mesh."""
+    modules = _project_modules()
+    tools = {m for m in modules if m.startswith(("haiku_gpt.aot", "haiku_gpt.benchmarks"))}
+    users = {m: sorted(_imports(path, set(modules)) & tools) for m, path in modules.items()
+             if m not in tools and m != "haiku_gpt.preflight"}
+    assert {m: t for m, t in users.items() if t} == {}

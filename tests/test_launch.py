@@ -238,7 +238,7 @@ print(json.dumps(calls))
 """
 
 
-@pytest.mark.parametrize("module", ["launch", "haiku_gpt.bench"])
+@pytest.mark.parametrize("module", ["launch", "haiku_gpt.benchmarks.bench"])
 @pytest.mark.parametrize("platforms, tuned", [("cpu", True), ("cuda", False), ("tpu", False)])
 def test_allocator_is_tuned_only_for_a_cpu_run(module, platforms, tuned):
     """launch.py and the benchmark tune glibc's allocator (mallopt: no mmap, no trimming, a top pad) only

@@ -1,4 +1,4 @@
-"""Compile-only targets (haiku_gpt/targets.py): names, devices, memory analysis and kernel resources.
+"""Compile-only targets (haiku_gpt/aot/targets.py): names, devices, memory analysis and kernel resources.
 
 The compile tests need the `aot` extra (libtpu, JAX's CUDA plugin) and are skipped, saying so,
 without it; no GPU or TPU is needed. Each compile is shared through a module-scoped fixture.
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_cuda, needs_tpu
-from haiku_gpt import system, targets
+from haiku_gpt import system
+from haiku_gpt.aot import targets
 from haiku_gpt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,11 +238,11 @@ _QUIETING = ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK", *system.QUIET_L
 
 
 def test_importing_targets_leaves_the_environment_alone():
-    """Importing haiku_gpt.targets changes nothing in os.environ (an import has no side effects): the
+    """Importing haiku_gpt.aot.targets changes nothing in os.environ (an import has no side effects): the
     plugins' quieting defaults (system.quiet_absent_accelerators) are set when a target's devices are
     first built. The subprocess starts without them, so a default set at import would show."""
     env = {k: v for k, v in os.environ.items() if k not in _QUIETING}
-    code = ("import json, os; before = dict(os.environ); import haiku_gpt.targets; after = dict(os.environ); "
+    code = ("import json, os; before = dict(os.environ); import haiku_gpt.aot.targets; after = dict(os.environ); "
             "print(json.dumps({k: [before.get(k), after.get(k)] for k in before.keys() | after.keys() "
             "if before.get(k) != after.get(k)}))")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -256,7 +257,7 @@ def test_a_target_compiles_with_nothing_set_before_the_import():
     """With nothing set before the import (no JAX_SKIP_CUDA_CONSTRAINTS_CHECK, no JAX_PLATFORMS), a GPU
     target's devices still build: the default is set when they are first built, before JAX's plugins load."""
     env = {k: v for k, v in os.environ.items() if k not in _QUIETING}
-    code = "from haiku_gpt import targets; print(len(targets.devices('h100x2')))"
+    code = "from haiku_gpt.aot import targets; print(len(targets.devices('h100x2')))"
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr

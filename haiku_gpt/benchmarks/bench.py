@@ -1,11 +1,11 @@
 """Benchmarks that print numbers: training step, sampling, attention.
 
-  python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=train
-  python -m haiku_gpt.bench --config=configs/shakespeare_char.py --what=sample
-  python -m haiku_gpt.bench --config=configs/shakespeare_char_cpu.py --what=attention [--plot]
-  python -m haiku_gpt.bench --what=kernels [--targets=h100,tpu-v5e] (compile matrix; needs the aot extra)
-  python -m haiku_gpt.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=checkpoint
-  python -m haiku_gpt.bench --what=gpu [--nanogpt_dir=DIR] (a GPU: kernels, gpt2_124m, char quick start, trace)
+  python -m haiku_gpt.benchmarks.bench --config=configs/shakespeare_char_cpu.py --what=train
+  python -m haiku_gpt.benchmarks.bench --config=configs/shakespeare_char.py --what=sample
+  python -m haiku_gpt.benchmarks.bench --config=configs/shakespeare_char_cpu.py --what=attention [--plot]
+  python -m haiku_gpt.benchmarks.bench --what=kernels [--targets=h100,tpu-v5e] (compile matrix; needs the aot extra)
+  python -m haiku_gpt.benchmarks.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=checkpoint
+  python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR] (a GPU: kernels, gpt2_124m, char quick start, trace)
 
 Each prints a table and writes JSON (--json_out, default bench-results/<what>.json).
 Times are medians after warm-up; compilation is reported separately. This is a
@@ -32,7 +32,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from haiku_gpt import costs  # noqa: E402
 from haiku_gpt.config import resolved  # noqa: E402
-from haiku_gpt import gpu_bench  # noqa: E402
+from haiku_gpt.benchmarks import gpu_bench  # noqa: E402
 from haiku_gpt.sample import generate_tokens  # noqa: E402
 from haiku_gpt.steps import make_steps  # noqa: E402
 
@@ -42,7 +42,7 @@ _WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nan
                                            "gpu"],
                           "What to benchmark.")
 _TARGETS = flags.DEFINE_list("targets", ["a100", "h100", "tpu-v4:1x1x1", "tpu-v5e:1x1", "tpu-v5p:1x1x1",
-                                         "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.targets).")
+                                         "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.aot.targets).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "kernels: input dtypes.")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["16", "32", "64", "128", "256"], "kernels: head dims.")
 _KERNEL_SEQS = flags.DEFINE_list("kernel_seqs", [], "kernels: sequence lengths (default: per platform, "
@@ -279,7 +279,7 @@ def bench_nanogpt(config, nanogpt_dir: str, iters: int, rounds: int) -> dict:
     for r in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "train.json")
-            subprocess.run([sys.executable, "-m", "haiku_gpt.bench", "--what=train", f"--config={_config_path()}",
+            subprocess.run([sys.executable, "-m", "haiku_gpt.benchmarks.bench", "--what=train", f"--config={_config_path()}",
                             *overrides, f"--iters={iters}", f"--json_out={out}"], check=True,
                            capture_output=True)
             with open(out) as f:
@@ -294,8 +294,8 @@ def bench_nanogpt(config, nanogpt_dir: str, iters: int, rounds: int) -> dict:
 
 
 def bench_kernels() -> dict:
-    """The kernel's compile matrix (haiku_gpt/kernel_matrix.py), one line per case as it compiles."""
-    from haiku_gpt import kernel_matrix  # noqa: PLC0415 (imports the aot targets)
+    """The kernel's compile matrix (haiku_gpt/aot/kernel_matrix.py), one line per case as it compiles."""
+    from haiku_gpt.aot import kernel_matrix  # noqa: PLC0415 (imports the aot targets)
 
     cases = kernel_matrix.cases(_TARGETS.value, _DTYPES.value, [int(d) for d in _HEAD_DIMS.value],
                                 [int(s) for s in _KERNEL_SEQS.value] or None, [float(r) for r in _DROPOUTS.value])

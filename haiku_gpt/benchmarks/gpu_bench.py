@@ -1,4 +1,4 @@
-"""`python -m haiku_gpt.bench --what=gpu [--nanogpt_dir=DIR]`: one command that measures a GPU.
+"""`python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR]`: one command that measures a GPU.
 
 Prints four tables and writes them (markdown and JSON) to --json_out's folder:
   1. attention: pallas, cudnn and xla, forward and forward+backward, bf16, causal, in TFLOP/s counted as
@@ -208,7 +208,7 @@ def _category(name: str, float32_fusions: set[str]) -> str:
 
 def float32_gemm_fusions(hlo_text: str) -> set[str]:
     """Kernel names (lowercase, '.' as '_') of the fusions whose computation holds a dot of two f32 operands."""
-    from haiku_gpt.targets import hlo_ops  # noqa: PLC0415
+    from haiku_gpt.aot.targets import hlo_ops  # noqa: PLC0415
 
     names, computation = set(), None
     f32_computations = set()

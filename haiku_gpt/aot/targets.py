@@ -41,7 +41,7 @@ Targets (per device: HBM, dense bf16 peak; public specs)
   tpu-v5e[:AxB]    default 2x2 (4 chips, one host); 16 GiB, 197 TFLOP/s per chip.
   tpu-v6e[:AxB]    default 2x2 (4 chips, one host); 32 GiB, 918 TFLOP/s per chip.
 GPU target configs (what XLA would otherwise read from the device) are package
-data: `haiku_gpt/gpu_specs/<generation>.txtpb`.
+data: `haiku_gpt/aot/gpu_specs/<generation>.txtpb`.
 
 Environment. Importing this module changes nothing. When a target's devices are
 first built (`devices`, `compile_for`), it sets defaults that keep JAX's plugins
@@ -219,7 +219,7 @@ def _make_target(name: str, generation: str, shape: tuple[int, ...], chips: int)
 
 def gpu_spec_text(generation: str) -> str:
     """The GpuTargetConfigProto (text format) shipped for a GPU generation ("a100", "h100")."""
-    return resources.files("haiku_gpt").joinpath("gpu_specs", f"{generation}.txtpb").read_text(encoding="utf-8")
+    return resources.files("haiku_gpt.aot").joinpath("gpu_specs", f"{generation}.txtpb").read_text(encoding="utf-8")
 
 
 # --- the extra, the devices, the mesh -----------------------------------------------------------

@@ -1,6 +1,6 @@
 """Peak memory and throughput of the streaming prepare on a corpus it generates (README's numbers).
 
-    python -m haiku_gpt.prepare_bench --dir /tmp/prepare_bench --sizes_mb 250 1000 \\
+    python -m haiku_gpt.benchmarks.prepare_bench --dir /tmp/prepare_bench --sizes_mb 250 1000 \\
         [--format jsonl|parquet|txt] [--workers N] [--shakespeare PATH/to/input.txt]
 
 Generates --format shards of SHARD_MB MB of pseudo-English under --dir (tiny Shakespeare's
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = generate(args.dir / args.format, args.format, max(args.sizes_mb), args.shakespeare)
     for size in sorted(args.sizes_mb):
         corpus = corpus_of(args.dir / args.format, shards, size)
-        command = [sys.executable, "-m", "haiku_gpt.prepare_bench", "--dir", str(args.dir),
+        command = [sys.executable, "-m", "haiku_gpt.benchmarks.prepare_bench", "--dir", str(args.dir),
                    "--workers", str(args.workers), "--measure", str(corpus)]
         run = subprocess.run(command, capture_output=True, text=True, check=False)
         if run.returncode:

@@ -1,6 +1,6 @@
 """The flash-attention kernel's compile matrix: does it compile, and with what resources, on each target?
 
-    python -m haiku_gpt.bench --what=kernels [--targets=h100,tpu-v5e] [--dtypes=...] [--head_dims=...]
+    python -m haiku_gpt.benchmarks.bench --what=kernels [--targets=h100,tpu-v5e] [--dtypes=...] [--head_dims=...]
 
 Glossary
   case      one (target, dtype, head_dim, seq, dropout, pass) to compile; pass is "fwd"
@@ -10,7 +10,7 @@ Glossary
             compiled program); `ok` when it compiled, nothing spilled and every kernel's
             memory fits the target (shared memory per block / scoped VMEM).
 
-Each case compiles batch 1 x 2 heads through `haiku_gpt.targets.compile_for` (which picks
+Each case compiles batch 1 x 2 heads through `haiku_gpt.aot.targets.compile_for` (which picks
 the kernel's tiles for the target's device kind). A case that the
 compiler rejects is a row with `ok=False` and the compiler's first line, never an exception.
 """
@@ -25,7 +25,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 
-from haiku_gpt import targets
+from haiku_gpt.aot import targets
 from haiku_gpt.kernels.flash_attention import flash_attention
 
 KERNEL_PREFIX = "flash_attention_"
