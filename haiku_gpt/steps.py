@@ -99,8 +99,8 @@ class Steps:
 
 
 def _in_compute_dtype(params, dtype: str):
-    """Mixed precision: float32 master params, computed with in `dtype` (bfloat16 casts them once per step)."""
-    dtype = resolve_dtype(dtype, jax.default_backend())  # 'auto' from a config that setup() did not resolve
+    """Mixed precision: float32 master params, computed with in `dtype` (bfloat16 casts them once per step).
+    `dtype` is a resolved one ('float32' or 'bfloat16': config.resolved / resolve_dtype make 'auto' one)."""
     if dtype == "float32":
         return params
     return jax.tree.map(lambda p: p.astype(jnp.dtype(dtype)), params)

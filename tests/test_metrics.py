@@ -75,7 +75,7 @@ def test_norms_are_the_gradient_before_clipping_the_update_and_the_parameters(ru
     assert sorted(logs) == list(range(STEPS))
     exp = setup(config, quiet)
     target = exp.steps.restore_target()
-    loss_fn = make_loss_fn(make_model(exp.model_config), config.dtype)
+    loss_fn = make_loss_fn(make_model(exp.model_config), exp.config.dtype)  # setup resolved dtype=auto
     dataset = exp.dataset
     with checkpoint.Checkpoints(str(out_dir)) as checkpoints:
         for step in range(1, STEPS):
