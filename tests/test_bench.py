@@ -33,3 +33,25 @@ def test_bench_checkpoint_smallest_setting(tmp_path):
     assert all(finite_positive(result[k]) for k in ("npz_blocking_s", "orbax_blocking_s", "orbax_written_s"))
     assert result["orbax_written_s"] >= result["orbax_blocking_s"] and result["state_gb"] > 0
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_gpu_breakdown_tells_float32_gemm_fusions_from_bf16_ones():
+    """The --what=gpu breakdown finds the fusions whose dot reads two f32 operands (the dtypes come from the
+    parameters, declared on other lines) and counts their kernels as float32 GEMMs."""
+    from haiku_gpt.benchmarks import gpu_bench
+
+    def computation(name, dtype):
+        return (f"%{name} (p0: {dtype}[4,4], p1: {dtype}[4,4]) -> f32[4,4] {{\n"
+                f"  %{name}_p0 = {dtype}[4,4]{{1,0}} parameter(0)\n  %{name}_p1 = {dtype}[4,4]{{1,0}} parameter(1)\n"
+                f"  ROOT %{name}_dot = f32[4,4]{{1,0}} dot(%{name}_p0, %{name}_p1), lhs_contracting_dims={{1}}\n}}\n")
+
+    hlo = (computation("f32_gemm", "f32") + computation("bf16_gemm", "bf16") +
+           "ENTRY %main (a: f32[4,4]) -> f32[4,4] {\n"
+           "  %gemm_fusion.1 = f32[4,4]{1,0} fusion(%a, %a), kind=kCustom, calls=%f32_gemm\n"
+           "  %gemm_fusion.2 = f32[4,4]{1,0} fusion(%a, %a), kind=kCustom, calls=%bf16_gemm\n}\n")
+    fusions = gpu_bench.float32_gemm_fusions(hlo)
+    assert fusions == {"gemm_fusion_1"}
+    assert gpu_bench._category("gemm_fusion_1", fusions) == "float32 GEMM"
+    assert gpu_bench._category("gemm_fusion_2", fusions) == "bf16 GEMM"
+    assert gpu_bench._category("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT", fusions) == "bf16 GEMM"
+    assert gpu_bench._category("flash_attention_dkdv", fusions) == "attention kernels"

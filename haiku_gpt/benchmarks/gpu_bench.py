@@ -210,19 +210,17 @@ def float32_gemm_fusions(hlo_text: str) -> set[str]:
     """Kernel names (lowercase, '.' as '_') of the fusions whose computation holds a dot of two f32 operands."""
     from haiku_gpt.aot.targets import hlo_ops  # noqa: PLC0415
 
-    names, computation = set(), None
-    f32_computations = set()
+    f32_dots = {op.name for op in hlo_ops(hlo_text) if op.opcode == "dot" and op.operand_dtypes == ("f32", "f32")}
+    computation, f32_computations = None, set()
     for line in hlo_text.splitlines():
         header = re.match(r"^%?([\w.\-]+) .*\{$", line)
         if header and "=" not in line.split("{")[0]:
             computation = header.group(1)
-        for op in hlo_ops(line):
-            if op.opcode == "dot" and op.operand_dtypes == ("f32", "f32"):
-                f32_computations.add(computation)
-    for match in re.finditer(r"%([\w.\-]+) = .*? fusion\(.*?calls=%([\w.\-]+)", hlo_text):
-        if match.group(2) in f32_computations:
-            names.add(match.group(1).replace(".", "_").lower())
-    return names
+        instruction = re.match(r"^\s*(?:ROOT\s+)?%(\S+)\s*=", line)
+        if instruction and instruction.group(1) in f32_dots:
+            f32_computations.add(computation)
+    calls = re.finditer(r"%([\w.\-]+) = .*? fusion\(.*?calls=%([\w.\-]+)", hlo_text)
+    return {m.group(1).replace(".", "_").lower() for m in calls if m.group(2) in f32_computations}
 
 
 def gpu_time_breakdown(trace_json: str, steps_traced: int, float32_fusions: set[str] = frozenset()) -> dict:
