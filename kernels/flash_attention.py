@@ -68,8 +68,9 @@ TPU kernels lower (and, with `haiku_gpt.aot.targets`, compile). Per-platform
 tiles (`BlockSizes`; always clamped to the padded sequence length):
   interpret (CPU): 128/128: every grid step costs interpreter overhead, so big
                    blocks are cheap.
-  Triton (GPU):    `_triton_block_sizes`, by compute capability, dtype and Dp,
-                   chosen so shared memory fits and no kernel spills registers.
+  Triton (GPU):    `triton_tiles`, by compute capability, dtype, Dp and pass
+                   (forward; backward), chosen so shared memory fits and no
+                   kernel spills registers.
                    Triton needs power-of-two block shapes, hence the padding.
   Mosaic (TPU):    `_tpu_block_sizes`: the largest square tile of 512, 256 or
                    128 whose dK/dV working set (`tpu_vmem_bytes`) stays under
@@ -279,9 +280,10 @@ def _tpu_block_sizes(device_kind: str, head_dim_padded: int, dtype) -> BlockSize
     return BlockSizes(128, 128, vmem_limit_bytes=scoped)
 
 
-# (block_q, block_k, num_warps, num_stages) per padded head_dim: the largest tiles whose four
-# kernels compile with no register spills and within shared memory, measured with ptxas on
-# the deviceless A100 / H100 compiles, with and without dropout (see README's compile matrix).
+# Triton tiles: (block_q, block_k, num_warps, num_stages) per padded head_dim, one tuple for both
+# passes or a pair (forward kernel; delta, dK/dV and dQ kernels). Every entry compiles with no
+# register spills and within shared memory (ptxas on the deviceless A100 / H100 compiles, with
+# and without dropout: docs/kernels.md's compile matrix).
 # float32 (precision HIGHEST) dots are IEEE FMA loops on CUDA cores, not tensor cores: each
 # thread holds its whole slice of both operands, so the tiles are small or the warps many.
 _TRITON_FLOAT32 = {16: (64, 64, 8, 2), 32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (16, 16, 8, 2),
@@ -290,6 +292,7 @@ _TRITON_16BIT = {  # bfloat16/float16 on tensor cores: wgmma on Hopper (sm_90), 
     9: {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
     8: {16: (128, 128, 8, 2), 32: (64, 64, 4, 2), 64: (64, 32, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
 }
+_FORWARD, _BACKWARD = 0, 1  # the two passes' tiles in a (forward, backward) pair
 
 
 def _gpu_generation(device_kind: str) -> int:
@@ -298,19 +301,20 @@ def _gpu_generation(device_kind: str) -> int:
     return 9 if any(name in device_kind.upper() for name in ("H100", "H200", "H800", "GH200")) else 8
 
 
-def _triton_block_sizes(device_kind: str, head_dim_padded: int, dtype) -> BlockSizes:
-    generation = _gpu_generation(device_kind)
+def triton_tiles(device_kind: str, head_dim_padded: int, dtype, backward: bool) -> tuple[int, int, int, int]:
+    """(block_q, block_k, num_warps, num_stages) of one pass's Triton kernels on `device_kind`."""
     if jnp.dtype(dtype) == jnp.float32:  # CUDA-core FMA dots: the same tiles on every generation
         tiles = _TRITON_FLOAT32[head_dim_padded]
     else:
-        tiles = _TRITON_16BIT[generation][head_dim_padded]
-    block_q, block_k, num_warps, num_stages = tiles
-    return BlockSizes(block_q, block_k, num_warps=num_warps, num_stages=num_stages)
+        tiles = _TRITON_16BIT[_gpu_generation(device_kind)][head_dim_padded]
+    return tiles[_BACKWARD if backward else _FORWARD] if isinstance(tiles[0], tuple) else tiles
 
 
-def _block_sizes(backend: _Backend, head_dim_padded: int, dtype) -> BlockSizes:
+def _block_sizes(backend: _Backend, head_dim_padded: int, dtype, backward: bool) -> BlockSizes:
     if backend.name == "triton":
-        return _triton_block_sizes(_device_kind("gpu"), head_dim_padded, dtype)
+        block_q, block_k, num_warps, num_stages = triton_tiles(_device_kind("gpu"), head_dim_padded, dtype,
+                                                               backward)
+        return BlockSizes(block_q, block_k, num_warps=num_warps, num_stages=num_stages)
     if backend.name == "mosaic_tpu":
         return _tpu_block_sizes(_device_kind("tpu"), head_dim_padded, dtype)
     # Interpreter: every grid step and loop iteration costs Python-level
@@ -318,10 +322,12 @@ def _block_sizes(backend: _Backend, head_dim_padded: int, dtype) -> BlockSizes:
     return BlockSizes(128, 128)
 
 
-def _geometry(backend: _Backend, opts: _Options, seq_len: int, head_dim: int,
-              dtype) -> tuple[_Geometry, BlockSizes]:
+def _geometry(backend: _Backend, opts: _Options, seq_len: int, head_dim: int, dtype,
+              backward: bool = False) -> tuple[_Geometry, BlockSizes]:
+    """One pass's blocks and padding (the forward and the backward pad on their own: only lse,
+    unpadded, goes from one to the other)."""
     head_dim_padded = max(16, _next_pow2(head_dim))
-    sizes = _block_sizes(backend, head_dim_padded, dtype)
+    sizes = _block_sizes(backend, head_dim_padded, dtype, backward)
     # A block never needs to be longer than the sequence rounded up to a power
     # of two (>= 16: Triton's dot needs every dim >= 16).
     cap = max(16, _next_pow2(seq_len))
@@ -1003,7 +1009,7 @@ def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids, 
     """(dQ [B, T, H, D], dK, dV [B, T, KVH, D]) on one backend."""
     batch, seq_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype)
+    geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype, backward=True)
     specs = _Specs(backend.heads_major, heads // kv_heads)
     qp, kp, vp, op, dop = (_to_kernel_layout(x, geom, backend.heads_major) for x in (q, k, v, o, do))
     lsep = _rows_to_kernel_layout(lse, geom)

@@ -55,3 +55,56 @@ def test_gpu_breakdown_tells_float32_gemm_fusions_from_bf16_ones():
     assert gpu_bench._category("gemm_fusion_2", fusions) == "bf16 GEMM"
     assert gpu_bench._category("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT", fusions) == "bf16 GEMM"
     assert gpu_bench._category("flash_attention_dkdv", fusions) == "attention kernels"
+
+
+def test_gpu_kernel_table_counts_the_flops_the_document_mask_leaves():
+    """--what=gpu's attention rows, run here on the CPU at a tiny shape: a document-masked row counts the causal
+    FLOPs within each document (4 documents: a quarter of the causal count), a grouped-query row names its K/V
+    heads, and XLA times only the plain causal rows."""
+    from haiku_gpt.benchmarks import gpu_bench
+
+    rows = gpu_bench.kernel_table(shapes=((1, 64, 2, 16, 2, 1), (1, 64, 2, 16, 1, 4)), impls=("pallas", "xla"))
+    causal, _, masked, xla = rows
+    assert masked["shape"] == "B1 T64 H2 KV1 D16 4 docs" and xla == {"shape": masked["shape"], "impl": "xla",
+                                                                       "skipped": "causal rows only"}
+    flops = lambda row: row["fwd_tflops"] * row["fwd_ms"]
+    assert math.isclose(flops(masked), flops(causal) / 4, rel_tol=1e-9)
+    assert all(finite_positive(r["fwd_bwd_tflops"]) for r in (causal, masked))
+
+
+def test_tile_sweep_picks_a_forward_and_a_backward_tile_and_restores_the_table():
+    """--what=tiles's plumbing at a tiny shape (on the CPU the kernel runs interpreted, so the times say nothing
+    about the tiles): a row per candidate, the fastest of each pass chosen, the kernel's table as it was."""
+    from haiku_gpt.benchmarks import gpu_bench
+    from haiku_gpt.kernels import flash_attention as fa
+
+    before = {g: dict(t) for g, t in fa._TRITON_16BIT.items()}
+    candidates = {"forward": {16: ((64, 64, 4, 3), (32, 32, 4, 2))}, "backward": {16: ((64, 32, 8, 2),)}}
+    result = gpu_bench.tile_sweep(shapes={16: (1, 32, 2)}, candidates=candidates, budget_s=120)
+    assert [(r["pass"], r["tiles"]) for r in result["rows"]] == [
+        ("forward", (64, 64, 4, 3)), ("forward", (32, 32, 4, 2)), ("backward", (64, 32, 8, 2))]
+    fastest = min(result["rows"][:2], key=lambda r: r["ms"])["tiles"]
+    assert result["chosen"] == {16: (fastest, (64, 32, 8, 2))}
+    assert fa._TRITON_16BIT == before
+
+
+def test_gpu_breakdown_counts_kernels_and_the_span_of_a_step(tmp_path):
+    """The trace breakdown from a two-step Perfetto trace: ms and kernels per step by category, and the time from
+    the first kernel to the last (what the GPU was busy within, idle gaps included)."""
+    import json
+
+    from haiku_gpt.benchmarks import gpu_bench
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}}]
+    kernels = [("nvjet_sm90_gemm", 0, 3000), ("flash_attention_forward", 3000, 1000), ("loop_add_fusion", 5000, 500),
+               ("nvjet_sm90_gemm", 10000, 3000), ("flash_attention_forward", 13000, 1000),
+               ("loop_add_fusion", 15000, 500)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": ts, "dur": d} for n, ts, d in kernels]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    result = gpu_bench.gpu_time_breakdown(str(path), steps_traced=2)
+    assert result["ms_per_step"]["bf16 GEMM"] == 3.0 and result["ms_per_step"]["attention kernels"] == 1.0
+    assert result["kernels_per_step"] == {**dict.fromkeys(gpu_bench.CATEGORIES, 0), "bf16 GEMM": 1,
+                                          "attention kernels": 1, "other fusions": 1}
+    assert result["total_ms_per_step"] == 4.5 and result["first_to_last_kernel_ms_per_step"] == 7.75

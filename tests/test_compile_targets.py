@@ -60,6 +60,19 @@ def test_gpu_kernels_compile_without_spills(target, dtype, head_dim, seq, dropou
         assert not [w for w in kernel["warnings"] if "serialized" in w], (name, kernel["warnings"])
 
 
+@needs_cuda
+def test_a_tile_pair_gives_the_forward_and_the_backward_their_own_tiles(monkeypatch):
+    """An entry (forward tiles, backward tiles) of the Hopper table: the compiled forward kernel runs the first's
+    warps, the delta, dK/dV and dQ kernels the second's (what --what=tiles measures on a GPU)."""
+    from haiku_gpt.kernels import flash_attention as fa
+
+    monkeypatch.setitem(fa._TRITON_16BIT[9], 64, ((64, 64, 4, 3), (64, 32, 8, 2)))
+    row = kernel_matrix.compile_case(kernel_matrix.Case("h100", "bfloat16", 64, 1000, 0.0, "bwd"))
+    _check(row)
+    assert row["kernels"]["forward"]["warps"] == 4
+    assert {row["kernels"][name]["warps"] for name in ("delta", "dkdv", "dq")} == {8}
+
+
 @pytest.mark.parametrize("target,dtype,head_dim,seq,dropout", MASKED_CASES)
 def test_gqa_and_segment_ids_compile_without_spills(target, dtype, head_dim, seq, dropout):
     if _aot_missing(target):

@@ -6,6 +6,7 @@
   python -m haiku_gpt.benchmarks.bench --what=kernels [--targets=h100,tpu-v5e] (compile matrix; needs the aot extra)
   python -m haiku_gpt.benchmarks.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=checkpoint
   python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR] (a GPU: kernels, gpt2_124m, char quick start, trace)
+  python -m haiku_gpt.benchmarks.bench --what=tiles (a GPU: the fastest Triton tiles per head_dim, forward and backward)
 
 Each prints a table and writes JSON (--json_out, default bench-results/<what>.json).
 Times are medians after warm-up; compilation is reported separately. This is a
@@ -39,7 +40,7 @@ from haiku_gpt.steps import make_steps  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels", "checkpoint",
-                                           "gpu"],
+                                           "gpu", "tiles"],
                           "What to benchmark.")
 _TARGETS = flags.DEFINE_list("targets", ["a100", "h100", "tpu-v4:1x1x1", "tpu-v5e:1x1", "tpu-v5p:1x1x1",
                                          "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.aot.targets).")
@@ -382,6 +383,13 @@ def main(argv):
                                  f"{jax.default_backend()}: run it where `pip install -e '.[cuda]'` found a GPU")
         out_dir = os.path.dirname(_JSON.value) if _JSON.value else "bench-results"
         result = gpu_bench.run(_NANOGPT.value, config.data_dir, out_dir)
+    elif what == "tiles":
+        if jax.default_backend() != "gpu":
+            raise app.UsageError(f"--what=tiles times the Triton kernels on an NVIDIA GPU, and this machine runs "
+                                 f"JAX on {jax.default_backend()}: run it where `pip install -e '.[cuda]'` found a GPU")
+        result = gpu_bench.tile_sweep()
+        print(f"fastest (forward, backward) tiles on {result['device']}, per head_dim, for "
+              f"kernels/flash_attention.py's _TRITON_16BIT: {result['chosen']}")
     elif what == "checkpoint":
         result = bench_checkpoint(config, _VOCAB.value, _ROUNDS.value, os.path.join("bench-results", "checkpoints"))
         print(f"checkpoint of {result['config']} ({result['state_gb']:.2f} GB of state), median of "

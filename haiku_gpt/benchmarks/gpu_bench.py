@@ -2,7 +2,8 @@
 
 Prints four tables and writes them (markdown and JSON) to --json_out's folder:
   1. attention: pallas, cudnn and xla, forward and forward+backward, bf16, causal, in TFLOP/s counted as
-     causal FLOPs (forward 2 B H T^2 D, forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES`;
+     causal FLOPs (forward 2 B H T^2 D, forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES` (with a
+     grouped-query row and a document-masked one);
   2. the gpt2_124m train step (batch 16 x 1024, bf16) for pallas and cudnn: ms/iter, tokens/s and MFU
      (against the datasheet's dense bf16 peak), beside nanoGPT's own train.py with --compile=True;
   3. the char quick start (configs/shakespeare_char.py through the real training loop, pallas, bf16): p10,
@@ -31,8 +32,10 @@ import numpy as np
 
 from haiku_gpt import costs
 
-# (batch, seq, heads, head_dim, kv_heads)
-KERNEL_SHAPES = ((16, 1024, 32, 64, 32), (8, 2048, 16, 128, 16), (4, 8192, 16, 128, 16), (1, 32768, 8, 128, 8))
+# (batch, seq, heads, head_dim, kv_heads, documents): the four causal shapes, then grouped-query K/V (32 query
+# heads over 8 K/V heads) and document masking (each row of the batch 8 documents of T/8 tokens, segment ids)
+KERNEL_SHAPES = ((16, 1024, 32, 64, 32, 1), (8, 2048, 16, 128, 16, 1), (4, 8192, 16, 128, 16, 1),
+                 (1, 32768, 8, 128, 8, 1), (4, 8192, 32, 128, 8, 1), (4, 8192, 16, 128, 16, 8))
 XLA_MAX_SEQ = 8192  # XLA's attention holds [B, H, T, T] scores: past this it only measures its memory traffic
 CHAR_ITERS = 500
 GPT2_OVERRIDES = dict(batch_size=16, block_size=1024, gradient_accumulation_steps=1, dtype="bfloat16",
@@ -53,27 +56,30 @@ def _median_seconds(f, *args, calls: int = 10, repeats: int = 5) -> float:
 
 
 def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=jnp.bfloat16) -> list[dict]:
-    """Forward and forward+backward TFLOP/s of each attention implementation at each shape (causal FLOPs)."""
+    """Forward and forward+backward TFLOP/s of each attention implementation at each shape, counting the
+    FLOPs the mask leaves: causal, within each document (2 B H D sum(L^2) for documents of length L)."""
     from haiku_gpt.kernels import attention  # noqa: PLC0415
 
     rows = []
-    for batch, seq, heads, head_dim, kv_heads in shapes:
+    for batch, seq, heads, head_dim, kv_heads, documents in shapes:
         keys = jax.random.split(jax.random.PRNGKey(seq), 4)
         q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
         k, v = (jax.random.normal(key, (batch, seq, kv_heads, head_dim), dtype) for key in keys[1:3])
         do = jax.random.normal(keys[3], q.shape, dtype)
-        flops = 2 * batch * heads * seq * seq * head_dim  # causal: half of 4 B H T^2 D
+        ids = None if documents == 1 else jnp.broadcast_to(jnp.arange(seq) * documents // seq, (batch, seq))
+        flops = 2 * batch * heads * head_dim * documents * (seq // documents) ** 2  # causal: half of 4 B H T^2 D
         for impl in impls:
-            row = {"shape": f"B{batch} T{seq} H{heads} KV{kv_heads} D{head_dim}", "impl": impl}
-            if impl == "xla" and seq > XLA_MAX_SEQ:
-                rows.append({**row, "skipped": f"T > {XLA_MAX_SEQ}"})
+            row = {"shape": f"B{batch} T{seq} H{heads} KV{kv_heads} D{head_dim}"
+                            + (f" {documents} docs" if documents > 1 else ""), "impl": impl}
+            if impl == "xla" and (seq > XLA_MAX_SEQ or kv_heads != heads or documents > 1):
+                rows.append({**row, "skipped": f"T > {XLA_MAX_SEQ}" if seq > XLA_MAX_SEQ else "causal rows only"})
                 continue
-            fwd = jax.jit(lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
-            fwd_bwd = jax.jit(lambda q, k, v, do, impl=impl: jax.vjp(
-                lambda q, k, v: attention(q, k, v, impl=impl), q, k, v)[1](do))
+            fwd = jax.jit(lambda q, k, v, ids, impl=impl: attention(q, k, v, impl=impl, segment_ids=ids))
+            fwd_bwd = jax.jit(lambda q, k, v, do, ids, impl=impl: jax.vjp(
+                lambda q, k, v: attention(q, k, v, impl=impl, segment_ids=ids), q, k, v)[1](do))
             try:
-                t_fwd = _median_seconds(fwd, q, k, v)
-                t_all = _median_seconds(fwd_bwd, q, k, v, do)
+                t_fwd = _median_seconds(fwd, q, k, v, ids)
+                t_all = _median_seconds(fwd_bwd, q, k, v, do, ids)
             except Exception as e:  # noqa: BLE001 (a failed implementation is a row, not the end of the run)
                 rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                 continue
@@ -81,6 +87,76 @@ def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=j
                          "fwd_bwd_ms": t_all * 1e3, "fwd_bwd_tflops": 3.5 * flops / t_all / 1e12})
             print(_row_text(rows[-1]), flush=True)
     return rows
+
+
+# --- Triton tiles (--what=tiles) ---------------------------------------------------------------------
+
+# Hopper bf16 candidates (block_q, block_k, num_warps, num_stages) per head_dim and pass: the ones whose kernels
+# ptxas compiled with no spills for an H100 (deviceless, T=1000, dropout 0.1; 128x32x4x3 forward at D128 and
+# 128x64x8x2, 128x128x8x2, 64x128x8x2, 64x64x4x2 backward spilled and are left out).
+TILE_CANDIDATES = {
+    "forward": {
+        64: ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 3),
+             (128, 64, 8, 2), (64, 32, 4, 4)),
+        128: ((64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+              (64, 128, 8, 2)),
+    },
+    "backward": {
+        64: ((64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 128, 8, 2), (128, 32, 8, 2),
+             (32, 32, 4, 3)),
+        128: ((64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 3)),
+    },
+}
+TILE_SHAPES = {64: (16, 1024, 32), 128: (8, 2048, 16)}  # head_dim: (batch, seq, heads), the kernel table's
+
+
+def tile_sweep(shapes=TILE_SHAPES, candidates=TILE_CANDIDATES, budget_s: float = 240.0,
+               dtype=jnp.bfloat16) -> dict:
+    """Time each candidate tile of this GPU's generation: the forward ones on the forward alone, then the
+    backward ones (forward + backward, with the fastest forward). Returns every row and, per head_dim, the
+    fastest (forward, backward) pair: the entry for flash_attention's `_TRITON_16BIT[generation]`. The
+    table is restored afterwards; the budget is shared evenly by the head dims."""
+    from haiku_gpt.kernels import flash_attention as fa  # noqa: PLC0415
+
+    table = fa._TRITON_16BIT[fa._gpu_generation(jax.devices()[0].device_kind)]
+    saved, rows, chosen, started = dict(table), [], {}, time.perf_counter()
+    try:
+        for n, (head_dim, (batch, seq, heads)) in enumerate(shapes.items()):
+            deadline = started + budget_s * (n + 1) / len(shapes)
+            keys = jax.random.split(jax.random.PRNGKey(0), 4)
+            q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), dtype) for key in keys)
+            flops = 2 * batch * heads * seq * seq * head_dim
+            best = dict(zip(("forward", "backward"), (fa.triton_tiles(jax.devices()[0].device_kind, head_dim,
+                                                                      dtype, b) for b in (False, True))))
+            for pass_ in ("forward", "backward"):
+                fastest = None
+                for tiles in candidates[pass_].get(head_dim, ()):
+                    if time.perf_counter() > deadline:
+                        break
+                    table[head_dim] = (best["forward"], tiles) if pass_ == "backward" else (tiles, best["backward"])
+                    row = {"head_dim": head_dim, "pass": pass_, "tiles": tiles}
+                    try:
+                        if pass_ == "forward":
+                            seconds = _median_seconds(jax.jit(lambda q, k, v: fa.flash_attention(q, k, v)), q, k, v,
+                                                      repeats=3)  # a new function: traced anew
+                        else:
+                            seconds = _median_seconds(jax.jit(lambda q, k, v, do: jax.vjp(
+                                fa.flash_attention, q, k, v)[1](do)), q, k, v, do, repeats=3)
+                    except Exception as e:  # noqa: BLE001 (a tile Triton rejects is a row)
+                        rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                        continue
+                    rows.append({**row, "ms": seconds * 1e3,
+                                 "tflops": (1.0 if pass_ == "forward" else 3.5) * flops / seconds / 1e12})
+                    print(_row_text(rows[-1]), flush=True)
+                    if fastest is None or seconds < fastest[0]:
+                        fastest = (seconds, tiles)
+                if fastest is not None:
+                    best[pass_] = fastest[1]
+            chosen[head_dim] = (best["forward"], best["backward"])
+    finally:
+        table.clear()
+        table.update(saved)
+    return {"device": jax.devices()[0].device_kind, "rows": rows, "chosen": chosen}
 
 
 def train_step_speed(config, vocab: int, iters: int = 30, warmup: int = 5) -> dict:
@@ -234,8 +310,9 @@ def gpu_time_breakdown(trace_json: str, steps_traced: int, float32_fusions: set[
                 and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
     streams = {(e["pid"], e.get("tid")) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
                and e["pid"] in gpu_pids and str(e.get("args", {}).get("name", "")).lower().startswith("stream")}
-    totals = dict.fromkeys(CATEGORIES, 0.0)
+    totals, counts = dict.fromkeys(CATEGORIES, 0.0), dict.fromkeys(CATEGORIES, 0)
     names: dict[str, float] = {}
+    spans = []
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
             continue
@@ -243,9 +320,14 @@ def gpu_time_breakdown(trace_json: str, steps_traced: int, float32_fusions: set[
             continue
         category = _category(e["name"], float32_fusions)
         totals[category] += e.get("dur", 0.0) / 1e3 / steps_traced
+        counts[category] += 1
         names[e["name"]] = names.get(e["name"], 0.0) + e.get("dur", 0.0) / 1e3 / steps_traced
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:15]
-    return {"ms_per_step": totals, "total_ms_per_step": sum(totals.values()), "top_kernels_ms": dict(top)}
+        spans.append((float(e["ts"]), float(e["ts"]) + e.get("dur", 0.0)))
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:30]
+    first_to_last = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1e3 if spans else 0.0
+    return {"ms_per_step": totals, "total_ms_per_step": sum(totals.values()), "top_kernels_ms": dict(top),
+            "kernels_per_step": {k: n / steps_traced for k, n in counts.items()},
+            "first_to_last_kernel_ms_per_step": first_to_last / steps_traced}
 
 
 def profile_step(result: dict, out_dir: str, steps_traced: int = 3) -> dict:
