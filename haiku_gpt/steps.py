@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 from haiku_gpt import distributed, system
 from haiku_gpt.config import model_config, resolve_dtype
 from haiku_gpt.model import GPTConfig, document_segment_ids, make_model
-from haiku_gpt.optimizer import lr_schedule, make_optimizer
+from haiku_gpt.optimizer import global_norm, lr_schedule, make_optimizer
 from haiku_gpt.tokenizer import GPT2_END_OF_TEXT
 
 
@@ -151,10 +151,11 @@ def accumulated_grads(loss_fn: Callable, params, rng, x: Int[Array, "A B T"], y:
     return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
 
-def norms(grads, updates, params) -> dict[str, Float[Array, ""]]:
-    """Global L2 norms: the gradient before clipping, the optimizer's update, the parameters after it."""
-    return {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
-            "param_norm": optax.tree.norm(params)}
+def norms(grads, updates, params, fused: bool = True) -> dict[str, Float[Array, ""]]:
+    """Global L2 norms: the gradient before clipping (the clip's), the optimizer's update, the parameters after
+    it. The update's per-leaf sums fuse into AdamW's kernels; the other two are `global_norm`s."""
+    return {"grad_norm": global_norm(grads, fused), "update_norm": optax.tree.norm(updates),
+            "param_norm": global_norm(params, fused)}
 
 
 def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh | None = None) -> Steps:
@@ -162,9 +163,11 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
     process's (compile-only devices of `haiku_gpt.aot.targets`, for `--mode=check --config.target=...`)."""
     mcfg = model_config(config, vocab_size)
     model = make_model(mcfg)
-    optimizer = make_optimizer(config)
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    fused_norms = platform != "cpu"  # optimizer.global_norm: one reduction over all leaves, but not on a CPU
+    optimizer = make_optimizer(config, fused_norms)
     schedule = lr_schedule(config)
-    dtype = resolve_dtype(config.dtype, jax.default_backend() if mesh is None else mesh.devices.flat[0].platform)
+    dtype = resolve_dtype(config.dtype, platform)
     # --config.document_mask: GPT-2's <|endoftext|>, the one separator token (config.check_document_mask)
     loss_fn = make_loss_fn(model, dtype, GPT2_END_OF_TEXT if config.document_mask else None)
     parallel = distributed.make_data_parallel(config, mesh)  # None on one device: nothing below is sharded
@@ -196,7 +199,8 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
         new_state = TrainingState(params, opt_state, state.step + 1, rng)
         if parallel is not None:  # keep the scan's carry laid out as the state (fsdp: sharded)
             new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
-        return new_state, {"loss": loss, "lr": schedule(state.step), **norms(grads, updates, params), **spikes}
+        return new_state, {"loss": loss, "lr": schedule(state.step), **norms(grads, updates, params, fused_norms),
+                           **spikes}
 
     def train_steps(state, x, y):
         if x.shape[0] == 1:  # one step: no while loop, whose carry XLA copies (the whole state) every call

@@ -23,7 +23,7 @@ from haiku_gpt.experiment import setup
 from haiku_gpt.sample import sample_from_checkpoint
 from haiku_gpt.steps import make_steps
 from haiku_gpt.errors import UserError
-from haiku_gpt.optimizer import decay_mask, lr_schedule, make_optimizer, skip_spikes
+from haiku_gpt.optimizer import clip_by_global_norm, decay_mask, global_norm, lr_schedule, make_optimizer, skip_spikes
 
 
 def nanogpt_get_lr(it, c):
@@ -147,6 +147,30 @@ def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
     for remat in ("block", "dots"):
         assert losses[remat][0] == losses["none"][0]
         np.testing.assert_allclose(losses[remat], losses["none"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])  # one reduction over the concatenation (GPU/TPU), per leaf (CPU)
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped, and left alone
+def test_global_norm_clip_is_optaxs(max_norm, fused):
+    """The trainer's clip gives optax.clip_by_global_norm's updates and optax.tree.norm's norm on float32 leaves
+    of several shapes; a bfloat16 leaf keeps its dtype and is summed in float32 (optax squares and sums it in
+    bfloat16)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    grads = {"w": jax.random.normal(keys[0], (7, 5)), "b": jax.random.normal(keys[1], (5,)),
+             "e": {"h": jax.random.normal(keys[2], (3, 2, 4))}}
+    np.testing.assert_allclose(float(global_norm(grads, fused)), float(optax.tree.norm(grads)), rtol=1e-6)
+    ours, _ = clip_by_global_norm(max_norm, fused).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+    if max_norm < float(optax.tree.norm(grads)):
+        assert float(optax.tree.norm(ours)) == pytest.approx(max_norm, rel=1e-6)
+    else:
+        chex.assert_trees_all_equal(ours, grads)
+    mixed = {**grads, "e": {"h": grads["e"]["h"].astype(jnp.bfloat16)}}
+    as_float32 = jax.tree.map(lambda x: x.astype(jnp.float32), mixed)
+    np.testing.assert_allclose(float(global_norm(mixed, fused)), float(optax.tree.norm(as_float32)), rtol=1e-6)
+    clipped, _ = clip_by_global_norm(max_norm, fused).update(mixed, optax.EmptyState())
+    chex.assert_trees_all_equal_dtypes(clipped, mixed)
 
 
 def test_skip_spikes_skips_an_outlier_and_leaves_the_optimizer_state():
