@@ -102,6 +102,24 @@ def test_reference_and_xla_attention_agree_in_the_model():
     np.testing.assert_allclose(ref, xla, rtol=1e-5, atol=1e-5)
 
 
+def test_the_mlp_keeps_no_gelu_intermediate_for_its_backward(capsys):
+    """The backward recomputes the GELU's tanh from its input: of the MLP's [N, 4C] arrays only the c_fc output
+    and the GELU's output (c_proj's input) are kept for the backward; autodiff kept four more (the tanh and
+    three products), which XLA wrote out as one more [N, 4C] array a layer."""
+    import haiku as hk
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from haiku_gpt.model import MLP
+
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    mlp = hk.transform(lambda x: MLP(cfg, name="mlp")(x, False))
+    x = jnp.ones((12, 8))
+    params = mlp.init(jax.random.PRNGKey(0), x)
+    print_saved_residuals(lambda p, x: jnp.sum(mlp.apply(p, None, x)), params, x)
+    wide = [line for line in capsys.readouterr().out.splitlines() if "[12,32]" in line]
+    assert len(wide) == 2, wide
+
+
 def test_causality_future_tokens_do_not_change_past_logits():
     init, apply = compiled(small_config())
     idx = jax.random.randint(jax.random.PRNGKey(1), (1, 16), 0, 37)

@@ -129,7 +129,7 @@ def test_checkpoints_from_before_n_kv_head_resume_as_multi_head(tiny_config):
 
 
 def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
-    """--config.remat=block|dots: the train step recomputes activations (a remat in its jaxpr) and
+    """--config.remat=block|dots: the train step recomputes activations (a remat a block in its jaxpr) and
     its losses, dropout included, are those without: the first bit for bit, the later ones up to float32
     rounding (XLA fuses the recomputing program's reductions in another order; a dropout bit out of place
     would move the loss by ~1e-3)."""
@@ -143,7 +143,8 @@ def test_remat_gives_the_same_losses_and_reaches_the_train_step(tiny_config):
                              tiny_config.block_size)
         remats[remat] = str(jax.make_jaxpr(exp.steps.train_steps)(state, x, y)).count("remat")
         losses[remat] = np.asarray(exp.steps.train_steps(state, x, y)[1]["loss"])
-    assert remats["none"] == 0 and remats["block"] >= tiny_config.n_layer and remats["dots"] >= tiny_config.n_layer
+    n_layer = tiny_config.n_layer  # with remat=none, the GELU's own recomputation: one remat a layer
+    assert remats["none"] == n_layer and min(remats["block"], remats["dots"]) >= remats["none"] + n_layer
     for remat in ("block", "dots"):
         assert losses[remat][0] == losses["none"][0]
         np.testing.assert_allclose(losses[remat], losses["none"], rtol=1e-6, atol=0)
