@@ -265,8 +265,11 @@ def test_two_processes_with_the_default_config(runs):
     """`python launch.py` with no --config on two processes: configs/default.py picks its recipe without
     starting JAX's backend, so `jax.distributed.initialize` (which must come first) still can."""
     address = f"127.0.0.1:{_free_port()}"
+    # The default recipe at a smaller width and depth (the flags override fields of the config it picks; the
+    # recipe is still chosen, and named, by configs/default.py): 4x128 took ~6 s longer to trace and compile.
     args = [f"--config.data_dir={runs.data_dir}", "--config.dataset=chars", "--config.max_iters=0",
-            "--config.eval_iters=2", f"--config.out_dir={runs.root / 'default_config'}",
+            "--config.eval_iters=2", "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=32",
+            f"--config.out_dir={runs.root / 'default_config'}",
             f"--coordinator_address={address}", "--num_processes=2"]
     procs = [_start(runs.driver, 1, [*args, f"--process_id={i}"]) for i in range(2)]
     try:
