@@ -324,8 +324,8 @@ def _block_sizes(backend: _Backend, head_dim_padded: int, dtype, backward: bool)
 
 def _geometry(backend: _Backend, opts: _Options, seq_len: int, head_dim: int, dtype,
               backward: bool = False) -> tuple[_Geometry, BlockSizes]:
-    """One pass's blocks and padding (the forward and the backward pad on their own: only lse,
-    unpadded, goes from one to the other)."""
+    """One pass's blocks and padding (the forward and the backward pad on their own: only o and lse,
+    unpadded, go from one to the other)."""
     head_dim_padded = max(16, _next_pow2(head_dim))
     sizes = _block_sizes(backend, head_dim_padded, dtype, backward)
     # A block never needs to be longer than the sequence rounded up to a power
