@@ -78,7 +78,8 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, fused_norms: bool = True) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(config: ml_collections.ConfigDict,
+                   fused_norms: bool = True) -> optax.GradientTransformationExtraArgs:
     """update(grads, state, params, loss=...): the step's loss feeds the spike detector (skip_spikes).
     fused_norms: how the gradient's global norm is summed (`global_norm`; False on a CPU)."""
     adamw = optax.adamw(lr_schedule(config), b1=config.beta1, b2=config.beta2, eps=1e-8,
@@ -104,7 +105,7 @@ def _is_schedule(node) -> bool:
 
 
 def skip_spikes(inner: optax.GradientTransformation, window: int, z: float,
-                fused_norm: bool = True) -> optax.GradientTransformationExtraArgs:
+                fused_norms: bool = True) -> optax.GradientTransformationExtraArgs:
     """Skip an update whose loss or gradient norm (before clipping) is an outlier, as llm.c's
     OutlierDetector, MaxText and levanter do: more than `z` standard deviations above the mean of the
     latest `window` accepted steps, once that many have been seen. A skipped step's update is zero and
@@ -124,7 +125,7 @@ def skip_spikes(inner: optax.GradientTransformation, window: int, z: float,
         return ready & (value > mean + z * jnp.maximum(std, 1e-12))
 
     def update(grads, state: SpikeState, params=None, *, loss, **extra):
-        grad_norm = global_norm(grads, fused_norm)  # the clip's own (one computation: XLA's CSE)
+        grad_norm = global_norm(grads, fused_norms)  # the clip's own (one computation: XLA's CSE)
         ready = state.accepted >= window
         spike = is_outlier(loss, state.losses, ready) | is_outlier(grad_norm, state.grad_norms, ready)
         updates, new_inner = inner.update(grads, state.inner, params)

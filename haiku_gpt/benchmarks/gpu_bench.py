@@ -55,6 +55,14 @@ def _median_seconds(f, *args, calls: int = 10, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _passes(attend):
+    """Two new jitted functions of (q, k, v): attend's forward, and its forward + backward (given dO); new
+    functions, so each traces anew (tile_sweep changes the kernel's tiles between calls)."""
+    forward = jax.jit(lambda q, k, v: attend(q, k, v))
+    backward = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
+    return forward, backward
+
+
 def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=jnp.bfloat16) -> list[dict]:
     """Forward and forward+backward TFLOP/s of each attention implementation at each shape, counting the
     FLOPs the mask leaves: causal, within each document (2 B H D sum(L^2) for documents of length L)."""
@@ -74,12 +82,11 @@ def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=j
             if impl == "xla" and (seq > XLA_MAX_SEQ or kv_heads != heads or documents > 1):
                 rows.append({**row, "skipped": f"T > {XLA_MAX_SEQ}" if seq > XLA_MAX_SEQ else "causal rows only"})
                 continue
-            fwd = jax.jit(lambda q, k, v, ids, impl=impl: attention(q, k, v, impl=impl, segment_ids=ids))
-            fwd_bwd = jax.jit(lambda q, k, v, do, ids, impl=impl: jax.vjp(
-                lambda q, k, v: attention(q, k, v, impl=impl, segment_ids=ids), q, k, v)[1](do))
+            fwd, fwd_bwd = _passes(lambda q, k, v, impl=impl, ids=ids: attention(q, k, v, impl=impl,
+                                                                                  segment_ids=ids))
             try:
-                t_fwd = _median_seconds(fwd, q, k, v, ids)
-                t_all = _median_seconds(fwd_bwd, q, k, v, do, ids)
+                t_fwd = _median_seconds(fwd, q, k, v)
+                t_all = _median_seconds(fwd_bwd, q, k, v, do)
             except Exception as e:  # noqa: BLE001 (a failed implementation is a row, not the end of the run)
                 rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                 continue
@@ -118,7 +125,8 @@ def tile_sweep(shapes=TILE_SHAPES, candidates=TILE_CANDIDATES, budget_s: float =
     table is restored afterwards; the budget is shared evenly by the head dims."""
     from haiku_gpt.kernels import flash_attention as fa  # noqa: PLC0415
 
-    table = fa._TRITON_16BIT[fa._gpu_generation(jax.devices()[0].device_kind)]
+    kind = jax.devices()[0].device_kind
+    table = fa._TRITON_16BIT[fa._gpu_generation(kind)]
     saved, rows, chosen, started = dict(table), [], {}, time.perf_counter()
     try:
         for n, (head_dim, (batch, seq, heads)) in enumerate(shapes.items()):
@@ -126,8 +134,8 @@ def tile_sweep(shapes=TILE_SHAPES, candidates=TILE_CANDIDATES, budget_s: float =
             keys = jax.random.split(jax.random.PRNGKey(0), 4)
             q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), dtype) for key in keys)
             flops = 2 * batch * heads * seq * seq * head_dim
-            best = dict(zip(("forward", "backward"), (fa.triton_tiles(jax.devices()[0].device_kind, head_dim,
-                                                                      dtype, b) for b in (False, True))))
+            best = {"forward": fa.triton_tiles(kind, head_dim, dtype, backward=False),
+                    "backward": fa.triton_tiles(kind, head_dim, dtype, backward=True)}
             for pass_ in ("forward", "backward"):
                 fastest = None
                 for tiles in candidates[pass_].get(head_dim, ()):
@@ -135,13 +143,12 @@ def tile_sweep(shapes=TILE_SHAPES, candidates=TILE_CANDIDATES, budget_s: float =
                         break
                     table[head_dim] = (best["forward"], tiles) if pass_ == "backward" else (tiles, best["backward"])
                     row = {"head_dim": head_dim, "pass": pass_, "tiles": tiles}
+                    forward, backward = _passes(fa.flash_attention)
                     try:
                         if pass_ == "forward":
-                            seconds = _median_seconds(jax.jit(lambda q, k, v: fa.flash_attention(q, k, v)), q, k, v,
-                                                      repeats=3)  # a new function: traced anew
+                            seconds = _median_seconds(forward, q, k, v, repeats=3)
                         else:
-                            seconds = _median_seconds(jax.jit(lambda q, k, v, do: jax.vjp(
-                                fa.flash_attention, q, k, v)[1](do)), q, k, v, do, repeats=3)
+                            seconds = _median_seconds(backward, q, k, v, do, repeats=3)
                     except Exception as e:  # noqa: BLE001 (a tile Triton rejects is a row)
                         rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                         continue
@@ -156,7 +163,7 @@ def tile_sweep(shapes=TILE_SHAPES, candidates=TILE_CANDIDATES, budget_s: float =
     finally:
         table.clear()
         table.update(saved)
-    return {"device": jax.devices()[0].device_kind, "rows": rows, "chosen": chosen}
+    return {"device": kind, "rows": rows, "chosen": chosen}
 
 
 def train_step_speed(config, vocab: int, iters: int = 30, warmup: int = 5) -> dict:
