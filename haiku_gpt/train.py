@@ -25,7 +25,7 @@ from haiku_gpt.config import profile_window
 from haiku_gpt.data import BatchPrefetcher, train_batches
 from haiku_gpt.evaluate import estimate_loss
 from haiku_gpt.experiment import Experiment
-from haiku_gpt.metrics import Call, MetricsWriter, StepLog, open_sinks, plot_losses
+from haiku_gpt.metrics import Call, LossPlot, MetricsWriter, StepLog, open_sinks
 from haiku_gpt.steps import TrainingState
 
 
@@ -51,12 +51,13 @@ def train(exp: Experiment) -> dict:
         return steps.shard_batch(x, y)  # several devices: one global array from each process's rows
 
     batches = BatchPrefetcher(device_batches, lambda s: _steps_in_next_call(s, config), step, config.max_iters)
-    with _StopRequest() as stop, bar, writer, _Profile(config, log) as profile, checkpoints, batches:
+    with (_StopRequest() as stop, bar, writer, LossPlot(writer) as plot, _Profile(config, log) as profile,
+          checkpoints, batches):
         while True:
             if step % config.eval_interval == 0 or step == config.max_iters:
                 step_log.finish(in_flight)
                 in_flight = None
-                losses = _evaluate(exp, state.params, step, writer)
+                losses = _evaluate(exp, state.params, step, writer, plot)
                 summary.update(train_loss=losses["train"], val_loss=losses["val"])
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
@@ -119,12 +120,11 @@ def _steps_in_next_call(step: int, config) -> int:
     return config.steps_per_call if next_eval - step >= config.steps_per_call else 1
 
 
-def _evaluate(exp: Experiment, params, step: int, writer: MetricsWriter) -> dict[str, float]:
+def _evaluate(exp: Experiment, params, step: int, writer: MetricsWriter, plot: LossPlot) -> dict[str, float]:
     losses = estimate_loss(exp.steps, params, exp.dataset, step)
     exp.log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     writer.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-    if exp.is_main:
-        plot_losses(exp.config.out_dir, writer.read())
+    plot.evaluated()
     return losses
 
 

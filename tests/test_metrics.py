@@ -196,3 +196,24 @@ def test_peak_flops_come_from_the_datasheet_table(kind, dtype, tflops, monkeypat
     assert (peak, "datasheet" in source) == ((tflops * 1e12, True) if tflops else (123e9, False))
     assert costs.peak_flops(5e12, dtype) == (5e12, "configured")
 
+
+
+def test_loss_plot_draws_at_the_first_evaluation_then_at_most_every_interval_and_at_the_end(tmp_path, monkeypatch):
+    from haiku_gpt import metrics  # noqa: PLC0415
+
+    drawn = []
+    monkeypatch.setattr(metrics, "plot_losses", lambda out_dir, records: drawn.append(len(records)))
+    clock = [0.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    writer = metrics.MetricsWriter(str(tmp_path))
+    with writer, metrics.LossPlot(writer, every_s=60.0) as plot:
+        for step, seconds in ((0, 0.0), (10, 30.0), (20, 59.0), (30, 61.0), (40, 70.0)):
+            clock[0] = seconds
+            writer.write({"step": step, "train_loss": 1.0, "val_loss": 1.0})
+            plot.evaluated()
+    assert drawn == [1, 4, 5]  # step 0; step 30 (61 s after the first drawing); the end, which step 40 missed
+
+    drawn.clear()
+    with metrics.LossPlot(metrics.MetricsWriter(str(tmp_path), enabled=False)) as plot:
+        plot.evaluated()  # another process than process 0: no drawing
+    assert drawn == []
