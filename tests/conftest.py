@@ -1,6 +1,7 @@
 """Shared fixtures: a small character-level corpus prepared on disk, and the tiny config."""
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -53,6 +54,23 @@ def _fast_cpu_compiles() -> None:
 
 
 _fast_cpu_compiles()
+
+
+def _fewer_garbage_collections() -> None:
+    """Python's cyclic collector less often in the test processes: tracing and lowering allocate
+    objects by the million, and each full collection walks every jaxpr and module still alive.
+    A first-generation threshold of 50,000 objects (700 by default) cut the CPU time of
+    test_kernels.py and test_model.py by about 9%; the memory it holds back is a few MB."""
+    gc.set_threshold(50_000, 20, 100)
+
+
+_fewer_garbage_collections()
+
+
+def pytest_collection_finish(session):
+    """The modules imported for collection live for the session: out of the collector's reach."""
+    gc.collect()
+    gc.freeze()
 
 
 import pytest  # noqa: E402
