@@ -59,13 +59,19 @@ def losses_by_step(out_dir, key="loss"):
     return {r["step"]: r[key] for r in read_metrics(out_dir) if key in r}
 
 
+def _tiny(data_dir, out_dir, **fields):
+    """The tiny config on `data_dir`'s 'chars' with `fields`, as launch_cmd's flags give it."""
+    config = tiny.get_config()
+    config.update(**{"data_dir": str(data_dir), "dataset": "chars", "out_dir": str(out_dir),
+                     "check_attention": False, **fields})
+    return config
+
+
 def refused(data_dir, out_dir, mode="train", **fields) -> str:
     """The UserError message of launch.py's own work, `modes.run(mode, config)`, run in this process, for the
     tiny config with `fields` (tests/test_launch.py checks in real processes that such an error exits
     with code 2 as one `error:` paragraph: a process per case would add nothing here)."""
-    config = tiny.get_config()
-    config.update(**{"data_dir": str(data_dir), "dataset": "chars", "out_dir": str(out_dir),
-                     "check_attention": False, **fields})
+    config = _tiny(data_dir, out_dir, **fields)
     with pytest.raises(UserError) as e:
         modes.run(mode, config)
     message = str(e.value)
@@ -77,9 +83,7 @@ def run_here(data_dir, out_dir, mode="train", **fields) -> str:
     """launch.py's work, `modes.run(mode, config)`, in this process for the tiny config with `fields`;
     returns what it printed. For runs whose process adds nothing to the test (no signal, no exit code, no
     stderr): a process costs the suite its imports of JAX, haiku and orbax again."""
-    config = tiny.get_config()
-    config.update(**{"data_dir": str(data_dir), "dataset": "chars", "out_dir": str(out_dir),
-                     "check_attention": False, **fields})
+    config = _tiny(data_dir, out_dir, **fields)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert modes.run(mode, config) == 0
