@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from haiku_gpt.system import select_platforms
+from haiku_gpt.system import collect_garbage_less_often, select_platforms
 
 select_platforms()  # before any test imports JAX: JAX_PLATFORMS=cpu on a machine without a GPU or TPU
 
@@ -56,15 +56,9 @@ def _fast_cpu_compiles() -> None:
 _fast_cpu_compiles()
 
 
-def _fewer_garbage_collections() -> None:
-    """Python's cyclic collector less often in the test processes: tracing and lowering allocate
-    objects by the million, and each full collection walks every jaxpr and module still alive.
-    A first-generation threshold of 50,000 objects (700 by default) cut the CPU time of
-    test_kernels.py and test_model.py by about 9%; the memory it holds back is a few MB."""
-    gc.set_threshold(50_000, 20, 100)
-
-
-_fewer_garbage_collections()
+# Python's collector less often in the test processes too, as in a run (haiku_gpt.system): it cut the
+# CPU time of test_kernels.py and test_model.py by about 9%.
+collect_garbage_less_often()
 
 
 def pytest_collection_finish(session):

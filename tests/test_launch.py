@@ -15,6 +15,7 @@ import pytest
 from haiku_gpt.configs import tiny
 from haiku_gpt import modes
 from haiku_gpt.errors import UserError
+from haiku_gpt.system import GC_FIRST_GENERATION_THRESHOLD
 from tests.conftest import REPO, corpus_text
 
 
@@ -219,7 +220,7 @@ def test_out_dir_not_writable(trained, tmp_path):
 
 # Imports `module` with glibc's mallopt replaced by a recorder, and prints the parameters it was called with.
 _RECORD_MALLOPT = """
-import ctypes, ctypes.util, importlib, json, sys
+import ctypes, ctypes.util, gc, importlib, json, sys
 calls, libc, real_cdll = [], ctypes.util.find_library("c"), ctypes.CDLL
 
 class Libc:
@@ -234,7 +235,7 @@ class Libc:
 ctypes.CDLL = lambda name, *a, **k: Libc(real_cdll(name, *a, **k)) if name == libc else real_cdll(name, *a, **k)
 sys.argv = ["launch.py"]
 importlib.import_module(MODULE)
-print(json.dumps(calls))
+print(json.dumps({"mallopt": calls, "gc_threshold": gc.get_threshold()[0]}))
 """
 
 
@@ -243,10 +244,12 @@ print(json.dumps(calls))
 def test_allocator_is_tuned_only_for_a_cpu_run(module, platforms, tuned):
     """launch.py and the benchmark tune glibc's allocator (mallopt: no mmap, no trimming, a top pad) only
     when the run is on the CPU, the one platform it was measured to help; on a GPU or TPU (faked with
-    JAX_PLATFORMS: nothing starts JAX here) glibc's defaults stay."""
+    JAX_PLATFORMS: nothing starts JAX here) glibc's defaults stay. Python's collector runs less often on
+    every platform (its first-generation threshold raised from 700, `system.collect_garbage_less_often`)."""
     env = dict(os.environ, JAX_PLATFORMS=platforms)
     run = subprocess.run([sys.executable, "-c", _RECORD_MALLOPT.replace("MODULE", repr(module))], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    calls = json.loads(run.stdout.strip().splitlines()[-1])
-    assert calls == ([-4, -1, -2] if tuned else []), (module, platforms)
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["mallopt"] == ([-4, -1, -2] if tuned else []), (module, platforms)
+    assert record["gc_threshold"] == GC_FIRST_GENERATION_THRESHOLD > 700, (module, platforms)
