@@ -121,13 +121,14 @@ def plot_losses(out_dir: str, records: list[dict]) -> str | None:
 
 class LossPlot:
     """out_dir/loss.png during a run: drawn at an evaluation when `every_s` seconds have passed since
-    the last drawing (the first evaluation draws), and at the end of the run. A drawing costs the
-    loop 0.1-0.2 s, which a run that evaluates every few seconds would otherwise pay each time.
+    the run started or since the last drawing, and at the end of the run. A drawing costs the loop
+    0.1-0.2 s (the first one 0.3 s: matplotlib's import), which a run that evaluates every few seconds
+    would otherwise pay each time; the step-0 evaluation would only plot one point.
     A context manager: leaving it draws what the last drawing missed."""
 
     def __init__(self, writer: MetricsWriter, every_s: float = 60.0):
         self.writer, self.every_s = writer, every_s
-        self._drawn_at, self._behind = -float("inf"), False
+        self._drawn_at, self._behind = time.monotonic(), False
 
     def __enter__(self) -> LossPlot:
         return self

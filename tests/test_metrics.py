@@ -198,7 +198,7 @@ def test_peak_flops_come_from_the_datasheet_table(kind, dtype, tflops, monkeypat
 
 
 
-def test_loss_plot_draws_at_the_first_evaluation_then_at_most_every_interval_and_at_the_end(tmp_path, monkeypatch):
+def test_loss_plot_draws_at_most_every_interval_from_the_start_and_at_the_end(tmp_path, monkeypatch):
     from haiku_gpt import metrics  # noqa: PLC0415
 
     drawn = []
@@ -207,11 +207,22 @@ def test_loss_plot_draws_at_the_first_evaluation_then_at_most_every_interval_and
     monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
     writer = metrics.MetricsWriter(str(tmp_path))
     with writer, metrics.LossPlot(writer, every_s=60.0) as plot:
-        for step, seconds in ((0, 0.0), (10, 30.0), (20, 59.0), (30, 61.0), (40, 70.0)):
+        for step, seconds in ((0, 0.5), (10, 30.0), (20, 59.0), (30, 61.0), (40, 70.0), (50, 120.0), (60, 125.0),
+                              (70, 130.0)):
             clock[0] = seconds
             writer.write({"step": step, "train_loss": 1.0, "val_loss": 1.0})
             plot.evaluated()
-    assert drawn == [1, 4, 5]  # step 0; step 30 (61 s after the first drawing); the end, which step 40 missed
+    # Step 30: 61 s after the start. Step 50 is 59 s after that drawing, step 60 is 64 s. The end: step 70.
+    assert drawn == [4, 7, 8]
+
+    drawn.clear()  # a run shorter than the interval: one drawing, at the end
+    (tmp_path / "short").mkdir()
+    writer = metrics.MetricsWriter(str(tmp_path / "short"))
+    with writer, metrics.LossPlot(writer, every_s=60.0) as plot:
+        for step in (0, 10, 20):
+            writer.write({"step": step, "train_loss": 1.0, "val_loss": 1.0})
+            plot.evaluated()
+    assert drawn == [3]
 
     drawn.clear()
     with metrics.LossPlot(metrics.MetricsWriter(str(tmp_path), enabled=False)) as plot:
