@@ -1,10 +1,14 @@
 """Data parallelism, fsdp, multi-process runs and checkpoints across device counts.
 
-Each run is a separate `launch.py` process (through a small driver that also records every step's
-loss on every process), with fake CPU devices from
-`XLA_FLAGS=--xla_force_host_platform_device_count=N`: JAX reads that flag once, at start-up.
+Each run on several devices is a separate `launch.py` process (through a small driver that also records
+every step's loss on every process), with fake CPU devices from
+`XLA_FLAGS=--xla_force_host_platform_device_count=N`: JAX reads that flag once, at start-up. A run on
+one device is launch.py's work (`modes.run`) in the pytest process, which has one CPU device: a process
+would only add the imports of JAX, haiku and orbax.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,6 +21,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from haiku_gpt import modes
+from haiku_gpt.configs import tiny
 from haiku_gpt.distributed import DataParallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +91,27 @@ def _args(data_dir, out_dir, *extra) -> list[str]:
             "--config.always_save_checkpoint=True", "--config.keep_checkpoints=5", *extra]
 
 
+def _run_here(args) -> dict:
+    """`launch.py ARGS` on one device, in this process: `_args`' --config.<field>=<value> flags (and --mode)
+    applied to configs/tiny.py. Its losses are metrics.jsonl's (every step is logged)."""
+    config, mode = tiny.get_config(), "train"
+    for arg in args:
+        key, value = arg.removeprefix("--").split("=", 1)
+        if key == "config":
+            assert Path(value).name == "tiny.py", value
+        elif key == "mode":
+            mode = value
+        elif key.startswith("config."):
+            field = key.removeprefix("config.")
+            old = config[field]
+            config[field] = value == "True" if isinstance(old, bool) else value if old is None else type(old)(value)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = modes.run(mode, config)
+    losses = _metric_losses(config.out_dir) if mode == "train" else None
+    return {"rc": rc, "stdout": printed.getvalue(), "stderr": "", "losses": losses, "process": 0, "devices": 1}
+
+
 def _start(driver, devices, args):
     return subprocess.Popen([sys.executable, str(driver), str(REPO), *args], env=_env(devices, driver.parent / "jax-cache"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -133,7 +160,8 @@ def runs(data_dir, tmp_path_factory):
     def run(name, devices, *extra, out_dir=None):
         if name not in cache:
             out_dir = out_dir or root / name
-            result = _ok(_finish(_start(driver, devices, _args(data_dir, out_dir, *extra))))
+            args = _args(data_dir, out_dir, *extra)
+            result = _ok(_run_here(args) if devices == 1 else _finish(_start(driver, devices, args)))
             assert result["devices"] == devices
             cache[name] = dict(result, out_dir=out_dir)
         return cache[name]
@@ -238,17 +266,18 @@ def test_export_from_two_processes_matches_one_process(runs):
         out_dir = runs.root / f"export_{name}"
         shutil.copytree(Path(source["out_dir"]) / "checkpoints", out_dir / "checkpoints")
         args = _args(runs.data_dir, out_dir, "--mode=export", "--config.fsdp=True")
-        if processes > 1:
+        if processes == 1:
+            _ok(_run_here(args))
+        else:
             args += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
-        procs = [_start(runs.driver, 2 if processes > 1 else 1, [*args, *([f"--process_id={i}"] if processes > 1
-                                                                         else [])]) for i in range(processes)]
-        try:
-            for p in procs:
-                _ok(_finish(p))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+            procs = [_start(runs.driver, 2, [*args, f"--process_id={i}"]) for i in range(processes)]
+            try:
+                for p in procs:
+                    _ok(_finish(p))
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
         exports[name] = {f: (out_dir / "hf" / f).read_bytes() for f in ("model.safetensors", "config.json")}
     assert exports["one"]["model.safetensors"] == exports["two"]["model.safetensors"]
     assert len(exports["one"]["model.safetensors"]) > 10_000
