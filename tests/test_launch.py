@@ -107,10 +107,13 @@ def test_export_mode_writes_hugging_face_gpt2(trained, tmp_path):
 
 
 def test_attention_impls_train_alike(trained, tmp_path):
+    """The launched run (reference attention) and the same run with attention_impl=xla, the latter as
+    launch.py's work in this process: what is compared is the attention, not the process."""
     data_dir, out_dir, _ = trained
     ref = training_metrics(out_dir)
-    result = launch(*tiny_args(data_dir, tmp_path / "xla", "--config.attention_impl=xla"))
-    assert result.returncode == 0, result.stderr
+    config = tiny.get_config()
+    config.update(data_dir=str(data_dir), dataset="chars", out_dir=str(tmp_path / "xla"), attention_impl="xla")
+    assert modes.run("train", config) == 0
     xla = [json.loads(x) for x in (tmp_path / "xla" / "metrics.jsonl").read_text().splitlines()]
     assert len(xla) == len(ref) and sum("val_loss" in r for r in ref) >= 2, (len(ref), len(xla))
     for a, b in zip(ref, xla):
