@@ -9,6 +9,7 @@ the `aot` extra (`pip install -e '.[aot]'`).
 """
 
 import math
+import os
 
 import pytest
 
@@ -58,6 +59,31 @@ def test_gpu_kernels_compile_without_spills(target, dtype, head_dim, seq, dropou
         assert kernel["spill_bytes"] == 0 and 0 < kernel["registers"] <= 255, (name, kernel)
         assert 0 < kernel["smem_bytes"] <= limit, (name, kernel)
         assert not [w for w in kernel["warnings"] if "serialized" in w], (name, kernel["warnings"])
+
+
+@needs_cuda
+def test_mosaic_gpu_kernels_are_reported_by_their_pallas_names():
+    """Pallas Mosaic GPU kernels (the Hopper route) compile inside XLA's compile for an H100; the report
+    names them by their kernel name, with ptxas' registers and spills, the PTX's threads per block and
+    their launch (grid, dynamic shared memory) unknown. The dump variables are set only during it."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def double(x, name):
+        def body(x_ref, o_ref):
+            o_ref[...] = x_ref[...] * 2
+
+        return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), kernel_name=name)(x)
+
+    result = targets.compile_for("h100", lambda x: double(double(x, "mosaic_first") + 1, "mosaic_second"),
+                                 jax.ShapeDtypeStruct((128,), jnp.float32), kernels="mosaic_")
+    assert [k.name for k in result.kernels] == ["mosaic_first", "mosaic_second"], result.kernels
+    for kernel in result.kernels:
+        assert 0 < kernel.registers <= 255 and kernel.spill_store_bytes == kernel.spill_load_bytes == 0, kernel
+        assert kernel.threads_per_block == 128 and kernel.gpu_arch == "sm_90a", kernel  # one warpgroup
+        assert kernel.grid is None and kernel.dynamic_shared_memory_bytes is None, kernel
+    assert "MOSAIC_GPU_DUMP_TO" not in os.environ and "MOSAIC_GPU_DUMP_PTX" not in os.environ
 
 
 @needs_cuda

@@ -27,11 +27,17 @@ Glossary
   HBM            device memory (per device); VMEM: a TPU core's on-chip vector memory;
   scoped VMEM    the part of VMEM a Mosaic kernel may use (its `vmem_limit_bytes`, else the
                  compiler's default: 16 MiB on v4/v5e/v5p, 32 MiB on v6e, measured).
-  kernel         a GPU kernel (Triton from Pallas, or one of XLA's fusions) or a TPU
-                 Mosaic kernel, by its name (this package's start with `flash_attention_`).
+  kernel         a GPU kernel (Triton or Mosaic GPU from Pallas, or one of XLA's fusions) or a
+                 TPU Mosaic kernel, by its name (this package's start with `flash_attention_`).
+                 A Mosaic GPU kernel is compiled by the CUDA plugin inside XLA's compile, which
+                 dumps its PTX when asked (MOSAIC_GPU_DUMP_PTX, MOSAIC_GPU_DUMP_TO): named by
+                 its kernel name (`plgpu.kernel(..., kernel_name=)`, else the body function's
+                 name), its PTX entry being `<name>_mosaic_gpu_kernel`.
   registers      per thread, from `ptxas -v` on the PTX XLA generated; spills likewise.
   shared memory  per block: the dynamic shared memory XLA launches the kernel with (its
-                 thunk sequence; Triton's is all dynamic) plus ptxas's static `smem`.
+                 thunk sequence; Triton's is all dynamic) plus ptxas's static `smem`. A
+                 Mosaic GPU kernel's dynamic shared memory is set by its own launch, not in
+                 the dump: unknown (its threads per block come from the PTX's `.maxntid`).
 
 Targets (per device: HBM, dense bf16 peak; public specs)
   a100, a100xN   NVIDIA A100 SXM4 80GB, sm_80, N = 1..8 in one host; 312 TFLOP/s.
@@ -415,7 +421,7 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
                   if v is not None}
     jitted = fn if prejitted else jax.jit(fn, donate_argnums=donate_argnums, static_argnums=statics,
                                           **jit_kwargs)
-    with _dump_directory(target, kernels, dump_dir) as dump:
+    with _dump_directory(target, kernels, dump_dir) as dump, _mosaic_gpu_dumps(target, dump):
         options = {"xla_backend_optimization_level": XLA_DEFAULT_OPTIMIZATION_LEVEL, **(compiler_options or {})}
         if dump is not None:
             options["xla_dump_to"] = str(dump)
@@ -475,6 +481,31 @@ def _dump_directory(target: Target, kernels: bool | str, dump_dir: str | os.Path
             yield Path(tmp)
     else:
         yield None
+
+
+MOSAIC_GPU_DUMP = "mosaic_gpu"  # the dump's subdirectory for Mosaic GPU kernels' PTX
+
+
+@contextlib.contextmanager
+def _mosaic_gpu_dumps(target: Target, dump: Path | None) -> Iterator[None]:
+    """While XLA compiles for a GPU target into `dump`: the CUDA plugin writes each Mosaic GPU kernel's
+    PTX (and its MLIR passes, and ptxas' own report) to dump/mosaic_gpu. It reads these variables at
+    every compile; the previous values come back after."""
+    if dump is None or target.platform != "cuda":
+        yield
+        return
+    wanted = {"MOSAIC_GPU_DUMP_PTX": "1", "MOSAIC_GPU_DUMP_TO": str(dump / MOSAIC_GPU_DUMP)}
+    saved = {name: os.environ.get(name) for name in wanted}
+    (dump / MOSAIC_GPU_DUMP).mkdir(exist_ok=True)
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -627,27 +658,47 @@ def _scoped_vmem(line: str, key: str) -> tuple[int, int] | None:
 _LAUNCH = re.compile(r"\]\s+(\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes")
 _ENTRY = re.compile(r"^\.visible \.entry (\S+?)\(", re.MULTILINE)
 _PTX_TARGET = re.compile(r"^\.target (sm_\w+)", re.MULTILINE)
+_MAX_THREADS = re.compile(r"^\.maxntid (\d+), (\d+), (\d+)", re.MULTILINE)
+MOSAIC_GPU_ENTRY_SUFFIX = "_mosaic_gpu_kernel"  # a Mosaic GPU kernel's PTX entry: <kernel name> + this
 
 
 def gpu_kernels(dump: Path, wanted: Callable[[str], bool] = lambda name: True) -> tuple[KernelResources, ...]:
     """GPU kernels of an XLA dump: launch shape and dynamic shared memory from the thunk sequence,
     registers, spills, static shared memory and performance warnings from `ptxas -v` on each PTX file.
+    Mosaic GPU kernels (PTX in dump/mosaic_gpu) are named by their kernel name; they are not
+    in XLA's thunk sequence, so their threads per block come from the PTX's `.maxntid`.
     """
     launches = _launches(dump)
-    ptx: dict[str, tuple[Path, str]] = {}
-    for path in sorted(dump.glob("*.ptx")):
+    ptx: dict[str, tuple[Path, str, str, int | None]] = {}  # name -> (file, arch, PTX entry, .maxntid)
+    for path in sorted([*dump.glob("*.ptx"), *dump.glob(f"{MOSAIC_GPU_DUMP}/*.ptx")]):
         text = path.read_text(encoding="utf-8", errors="replace")
         arch = _PTX_TARGET.search(text)
-        for name in _ENTRY.findall(text):
+        threads = _MAX_THREADS.search(text)
+        for entry in _ENTRY.findall(text):
+            name = entry.removesuffix(MOSAIC_GPU_ENTRY_SUFFIX) if path.parent.name == MOSAIC_GPU_DUMP else entry
             if wanted(name):
-                ptx[name] = (path, arch.group(1) if arch else "")
-    files = sorted({(path, arch) for path, arch in ptx.values()})
-    reports: dict[str, dict[str, Any]] = {}
+                ptx[name] = (path, arch.group(1) if arch else "", entry,
+                             math.prod(int(x) for x in threads.groups()) if threads else None)
+    files = sorted({(path, arch) for path, arch, _, _ in ptx.values()})
+    reports: dict[tuple[Path, str], dict[str, Any]] = {}  # (file, PTX entry) -> report
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        for report in pool.map(lambda f: ptxas_report(*f), files):
-            reports.update(report)
-    return tuple(_gpu_kernel(name, ptx[name][1], launches.get(name), reports.get(name, {}))
-                 for name in sorted(ptx))
+        for (path, _), report in zip(files, pool.map(lambda f: ptxas_report(*f), files)):
+            reports.update({(path, entry): r for entry, r in report.items()})
+    kernels = []
+    for name in sorted(ptx):
+        path, arch, entry, threads = ptx[name]
+        report = reports.get((path, entry), {})
+        if path.parent.name == MOSAIC_GPU_DUMP:
+            kernels.append(_mosaic_gpu_kernel(name, arch, threads, report))
+        else:
+            kernels.append(_gpu_kernel(name, arch, launches.get(name), report))
+    return tuple(kernels)
+
+
+def _mosaic_gpu_kernel(name: str, arch: str, threads: int | None, report: dict[str, Any]) -> KernelResources:
+    """A Mosaic GPU kernel's resources: ptxas' numbers and the PTX's threads per block; its grid and
+    dynamic shared memory are its own launch's, which XLA's thunk sequence does not show (unknown)."""
+    return dataclasses.replace(_gpu_kernel(name, arch, None, report), threads_per_block=threads)
 
 
 def _launches(dump: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
@@ -732,5 +783,5 @@ def _parse_ptxas(output: str, entries: Sequence[str]) -> dict[str, dict[str, Any
 
 
 __all__ = ["AOT_FIX", "AotUnavailable", "CompileResult", "KernelResources", "MemoryUse", "Target", "TargetError",
-           "VALID_TARGETS", "compile_for", "devices", "find_ptxas", "gpu_kernels", "gpu_spec_text", "make_mesh",
+           "MOSAIC_GPU_DUMP", "VALID_TARGETS", "compile_for", "devices", "find_ptxas", "gpu_kernels", "gpu_spec_text", "make_mesh",
            "memory_use", "parse_target", "ptxas_report", "replicated", "require_aot", "tpu_kernels"]
