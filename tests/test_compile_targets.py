@@ -65,7 +65,9 @@ def test_gpu_kernels_compile_without_spills(target, dtype, head_dim, seq, dropou
 def test_mosaic_gpu_kernels_are_reported_by_their_pallas_names():
     """Pallas Mosaic GPU kernels (the Hopper route) compile inside XLA's compile for an H100; the report
     names them by their kernel name, with ptxas' registers and spills, the PTX's threads per block and
-    their launch (grid, dynamic shared memory) unknown. The dump variables are set only during it."""
+    their launch (grid, dynamic shared memory) unknown. The dump variables are set only during it. The
+    plugin compiles (and dumps) a kernel once per process: the same program again is refused, not reported
+    without its kernels."""
     import jax
     import jax.numpy as jnp
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -76,14 +78,19 @@ def test_mosaic_gpu_kernels_are_reported_by_their_pallas_names():
 
         return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), kernel_name=name)(x)
 
-    result = targets.compile_for("h100", lambda x: double(double(x, "mosaic_first") + 1, "mosaic_second"),
-                                 jax.ShapeDtypeStruct((128,), jnp.float32), kernels="mosaic_")
+    before = {name: os.environ.get(name) for name in ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTX")}
+    program = lambda x: double(double(x, "mosaic_first") + 1, "mosaic_second")  # noqa: E731
+    x = jax.ShapeDtypeStruct((128,), jnp.float32)
+    result = targets.compile_for("h100", program, x, kernels="mosaic_")
     assert [k.name for k in result.kernels] == ["mosaic_first", "mosaic_second"], result.kernels
     for kernel in result.kernels:
         assert 0 < kernel.registers <= 255 and kernel.spill_store_bytes == kernel.spill_load_bytes == 0, kernel
         assert kernel.threads_per_block == 128 and kernel.gpu_arch == "sm_90a", kernel  # one warpgroup
         assert kernel.grid is None and kernel.dynamic_shared_memory_bytes is None, kernel
-    assert "MOSAIC_GPU_DUMP_TO" not in os.environ and "MOSAIC_GPU_DUMP_PTX" not in os.environ
+    assert {name: os.environ.get(name) for name in before} == before
+    with pytest.raises(targets.TargetError, match="2 of the program's 2 Mosaic GPU kernels were compiled earlier"):
+        targets.compile_for("h100", program, x, kernels="mosaic_")
+    assert targets.compile_for("h100", program, x).kernels == ()  # no report asked for: compiles as ever
 
 
 @needs_cuda
@@ -144,9 +151,9 @@ def _setup(config):
 
 
 def _target_config(tiny_config, target: str, **overrides):
-    """The tiny config for --mode=check on `target`, without dropout: the kernels' dropout variants are
-    compiled, spills checked, by the kernel-matrix tests above, and dropout's hashed keep masks make the
-    whole-step compile for a GPU two to three times slower (one layer, h100x2: 3.9 -> 12.5 s of CPU)."""
+    """The tiny config for --mode=check on `target`, without dropout unless asked: the kernels' dropout
+    variants are compiled, spills checked, by the kernel-matrix tests above, and dropout's hashed keep masks
+    make the whole-step compile for a GPU two to three times slower (one layer, h100x2: 3.9 -> 12.5 s of CPU)."""
     tiny_config.target = target
     tiny_config.check_attention = False
     tiny_config.attention_impl = "pallas"
@@ -158,7 +165,8 @@ def _target_config(tiny_config, target: str, **overrides):
 
 @needs_tpu
 def test_check_compiles_the_sharded_train_step_for_a_tpu_slice(tiny_config):
-    report = preflight.check_compiled(_setup(_target_config(tiny_config, "tpu-v5e:2x2", fsdp=True)))
+    # With dropout: the one whole sharded step compiled for a target with its residual dropout masks.
+    report = preflight.check_compiled(_setup(_target_config(tiny_config, "tpu-v5e:2x2", fsdp=True, dropout=0.1)))
     assert report.devices == 4 and "tpu-v5e:2x2: 4 x TPU v5 lite" in report.device
     assert report.available == 16 * 2**30 and report.memory["peak"] > 0
     assert report.compiled_flops and report.compiled_flops > 0

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
@@ -104,12 +105,16 @@ def _run_here(args) -> dict:
         elif key.startswith("config."):
             field = key.removeprefix("config.")
             old = config[field]
-            config[field] = value == "True" if isinstance(old, bool) else value if old is None else type(old)(value)
+            assert isinstance(old, (bool, int, float, str)), (field, old)  # what absl's parser would do
+            if isinstance(old, bool):
+                assert value in ("True", "False"), arg
+            config[field] = value == "True" if isinstance(old, bool) else type(old)(value)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = modes.run(mode, config)
     losses = _metric_losses(config.out_dir) if mode == "train" else None
-    return {"rc": rc, "stdout": printed.getvalue(), "stderr": "", "losses": losses, "process": 0, "devices": 1}
+    return {"rc": rc, "stdout": printed.getvalue(), "stderr": "", "losses": losses,
+            "process": jax.process_index(), "devices": jax.device_count()}
 
 
 def _start(driver, devices, args):

@@ -38,6 +38,8 @@ Glossary
                  thunk sequence; Triton's is all dynamic) plus ptxas's static `smem`. A
                  Mosaic GPU kernel's dynamic shared memory is set by its own launch, not in
                  the dump: unknown (its threads per block come from the PTX's `.maxntid`).
+                 The plugin compiles, and dumps, a kernel once per process: a program whose
+                 Mosaic GPU kernel was compiled before in the process is refused for a report.
 
 Targets (per device: HBM, dense bf16 peak; public specs)
   a100, a100xN   NVIDIA A100 SXM4 80GB, sm_80, N = 1..8 in one host; 312 TFLOP/s.
@@ -421,7 +423,7 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
                   if v is not None}
     jitted = fn if prejitted else jax.jit(fn, donate_argnums=donate_argnums, static_argnums=statics,
                                           **jit_kwargs)
-    with _dump_directory(target, kernels, dump_dir) as dump, _mosaic_gpu_dumps(target, dump):
+    with _dump_directory(target, kernels, dump_dir) as dump, _mosaic_gpu_dumps(target, dump) as dumped_before:
         options = {"xla_backend_optimization_level": XLA_DEFAULT_OPTIMIZATION_LEVEL, **(compiler_options or {})}
         if dump is not None:
             options["xla_dump_to"] = str(dump)
@@ -434,6 +436,8 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
         with _persistent_cache_not_written():
             compiled = lowered.compile(compiler_options=options)
         seconds = time.perf_counter() - lowered_at
+        if kernels is not False and dump is not None and target.platform == "cuda":
+            _require_mosaic_gpu_dumps(compiled.as_text(), dump, dumped_before)
         found = _kernel_resources(target, compiled, dump, kernels) if kernels is not False else ()
     flops, source = _flops(compiled)
     return CompileResult(target=target, compiled=compiled, compile_seconds=seconds,
@@ -487,25 +491,43 @@ MOSAIC_GPU_DUMP = "mosaic_gpu"  # the dump's subdirectory for Mosaic GPU kernels
 
 
 @contextlib.contextmanager
-def _mosaic_gpu_dumps(target: Target, dump: Path | None) -> Iterator[None]:
+def _mosaic_gpu_dumps(target: Target, dump: Path | None) -> Iterator[set[Path]]:
     """While XLA compiles for a GPU target into `dump`: the CUDA plugin writes each Mosaic GPU kernel's
     PTX (and its MLIR passes, and ptxas' own report) to dump/mosaic_gpu. It reads these variables at
-    every compile; the previous values come back after."""
+    every compile; the previous values come back after. Yields the PTX files already there. The
+    variables are the process's: compile_for is not to be called from several threads at once."""
     if dump is None or target.platform != "cuda":
-        yield
+        yield set()
         return
     wanted = {"MOSAIC_GPU_DUMP_PTX": "1", "MOSAIC_GPU_DUMP_TO": str(dump / MOSAIC_GPU_DUMP)}
     saved = {name: os.environ.get(name) for name in wanted}
     (dump / MOSAIC_GPU_DUMP).mkdir(exist_ok=True)
     os.environ.update(wanted)
     try:
-        yield
+        yield set((dump / MOSAIC_GPU_DUMP).glob("*.ptx"))
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+_MOSAIC_GPU_HASH = re.compile(r'custom_call_target="mosaic_gpu_v2".*?kernel_hash = "((?:[^"\\]|\\.)*)"')
+
+
+def _require_mosaic_gpu_dumps(hlo_text: str, dump: Path, before: set[Path]) -> None:
+    """Every distinct Mosaic GPU kernel of the compiled program left its PTX in the dump. The CUDA plugin
+    keeps the kernels it compiled for the life of the process and compiles (and dumps) each only once:
+    a report without them would pass a "no spills" check by checking nothing."""
+    kernels = set(_MOSAIC_GPU_HASH.findall(hlo_text))
+    dumped = set((dump / MOSAIC_GPU_DUMP).glob("*.ptx")) - before
+    if len(dumped) < len(kernels):
+        raise TargetError(
+            f"{len(kernels) - len(dumped)} of the program's {len(kernels)} Mosaic GPU kernels were compiled "
+            "earlier in this process: the CUDA plugin reuses them without dumping their PTX again, so their "
+            "registers and spills cannot be read. Compile each such program in a new process (one run per "
+            "target), or pass kernels=False.")
 
 
 @contextlib.contextmanager
@@ -658,7 +680,7 @@ def _scoped_vmem(line: str, key: str) -> tuple[int, int] | None:
 _LAUNCH = re.compile(r"\]\s+(\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes")
 _ENTRY = re.compile(r"^\.visible \.entry (\S+?)\(", re.MULTILINE)
 _PTX_TARGET = re.compile(r"^\.target (sm_\w+)", re.MULTILINE)
-_MAX_THREADS = re.compile(r"^\.maxntid (\d+), (\d+), (\d+)", re.MULTILINE)
+_MAX_THREADS = re.compile(r"^\.maxntid (\d+)(?:, (\d+))?(?:, (\d+))?", re.MULTILINE)
 MOSAIC_GPU_ENTRY_SUFFIX = "_mosaic_gpu_kernel"  # a Mosaic GPU kernel's PTX entry: <kernel name> + this
 
 
@@ -678,7 +700,7 @@ def gpu_kernels(dump: Path, wanted: Callable[[str], bool] = lambda name: True) -
             name = entry.removesuffix(MOSAIC_GPU_ENTRY_SUFFIX) if path.parent.name == MOSAIC_GPU_DUMP else entry
             if wanted(name):
                 ptx[name] = (path, arch.group(1) if arch else "", entry,
-                             math.prod(int(x) for x in threads.groups()) if threads else None)
+                             math.prod(int(x) for x in threads.groups() if x) if threads else None)
     files = sorted({(path, arch) for path, arch, _, _ in ptx.values()})
     reports: dict[tuple[Path, str], dict[str, Any]] = {}  # (file, PTX entry) -> report
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
