@@ -81,6 +81,20 @@ def quiet(message: str) -> None:
     """A log that drops its lines (for setup(config, quiet) in tests)."""
 
 
+def run_printed(mode: str, config) -> tuple[int, str]:
+    """launch.py's work, `modes.run(mode, config)`, in this process: (its return code, what it printed).
+    For runs whose process would add nothing to a test but the imports of JAX, haiku and orbax."""
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from haiku_gpt import modes  # noqa: PLC0415
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = modes.run(mode, config)
+    return rc, printed.getvalue()
+
+
 def corpus_text(n_chars: int = 60_000) -> str:
     """The start of tiny Shakespeare when it is at hand, else a deterministic stand-in with its alphabet."""
     if TINY_SHAKESPEARE.is_file():

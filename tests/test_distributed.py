@@ -7,8 +7,6 @@ one device is launch.py's work (`modes.run`) in the pytest process, which has on
 would only add the imports of JAX, haiku and orbax.
 """
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -22,9 +20,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from haiku_gpt import modes
 from haiku_gpt.configs import tiny
 from haiku_gpt.distributed import DataParallel
+from tests.conftest import run_printed
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -109,11 +107,9 @@ def _run_here(args) -> dict:
             if isinstance(old, bool):
                 assert value in ("True", "False"), arg
             config[field] = value == "True" if isinstance(old, bool) else type(old)(value)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        rc = modes.run(mode, config)
+    rc, printed = run_printed(mode, config)
     losses = _metric_losses(config.out_dir) if mode == "train" else None
-    return {"rc": rc, "stdout": printed.getvalue(), "stderr": "", "losses": losses,
+    return {"rc": rc, "stdout": printed, "stderr": "", "losses": losses,
             "process": jax.process_index(), "devices": jax.device_count()}
 
 

@@ -5,8 +5,6 @@ traceback, and must leave existing checkpoints as they were. Runs use the tiny
 config with `check_attention` off (it only slows the compile down here).
 """
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -26,7 +24,7 @@ from haiku_gpt import checkpoint, checkpoint_npz, costs, modes, preflight, prepa
 from haiku_gpt.config import model_config
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup
-from tests.conftest import REPO, corpus_text, quiet
+from tests.conftest import REPO, corpus_text, quiet, run_printed
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
@@ -83,11 +81,9 @@ def run_here(data_dir, out_dir, mode="train", **fields) -> str:
     """launch.py's work, `modes.run(mode, config)`, in this process for the tiny config with `fields`;
     returns what it printed. For runs whose process adds nothing to the test (no signal, no exit code, no
     stderr): a process costs the suite its imports of JAX, haiku and orbax again."""
-    config = _tiny(data_dir, out_dir, **fields)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert modes.run(mode, config) == 0
-    return printed.getvalue()
+    rc, printed = run_printed(mode, _tiny(data_dir, out_dir, **fields))
+    assert rc == 0
+    return printed
 
 
 def checkpoint_steps(out_dir):

@@ -436,7 +436,7 @@ def compile_for(target: str | Target, fn: Callable, *args: Any, in_shardings: An
         with _persistent_cache_not_written():
             compiled = lowered.compile(compiler_options=options)
         seconds = time.perf_counter() - lowered_at
-        if kernels is not False and dump is not None and target.platform == "cuda":
+        if kernels is not False and dumped_before is not None:
             _require_mosaic_gpu_dumps(compiled.as_text(), dump, dumped_before)
         found = _kernel_resources(target, compiled, dump, kernels) if kernels is not False else ()
     flops, source = _flops(compiled)
@@ -491,13 +491,14 @@ MOSAIC_GPU_DUMP = "mosaic_gpu"  # the dump's subdirectory for Mosaic GPU kernels
 
 
 @contextlib.contextmanager
-def _mosaic_gpu_dumps(target: Target, dump: Path | None) -> Iterator[set[Path]]:
+def _mosaic_gpu_dumps(target: Target, dump: Path | None) -> Iterator[set[Path] | None]:
     """While XLA compiles for a GPU target into `dump`: the CUDA plugin writes each Mosaic GPU kernel's
     PTX (and its MLIR passes, and ptxas' own report) to dump/mosaic_gpu. It reads these variables at
-    every compile; the previous values come back after. Yields the PTX files already there. The
-    variables are the process's: compile_for is not to be called from several threads at once."""
+    every compile; the previous values come back after. Yields the PTX files already there (None: no
+    GPU dump). The variables are the process's: compile_for is not to be called from several threads
+    at once."""
     if dump is None or target.platform != "cuda":
-        yield set()
+        yield None
         return
     wanted = {"MOSAIC_GPU_DUMP_PTX": "1", "MOSAIC_GPU_DUMP_TO": str(dump / MOSAIC_GPU_DUMP)}
     saved = {name: os.environ.get(name) for name in wanted}
