@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.bias = False
     c.vocab_size = 0  # 0: from the dataset's meta.json (BPE 50257 is padded to 50304)
     c.attention_impl = "reference"  # 'reference' | 'blocked' (fastest on CPU) | 'xla' | 'cudnn' (GPU) | 'pallas'
+    c.kernel_family = "auto"  # pallas's GPU kernels: 'auto' (Triton) | 'mosaic_gpu' (Hopper, opt-in: docs/kernels.md)
     c.check_attention = False  # run the reference beside attention_impl and chex-compare
     c.remat = "none"  # 'none' | 'block' (recompute each block in the backward pass) | 'dots' (keep matmul outputs)
     c.loss_chunk_tokens = 0  # lm_head + cross-entropy over chunks of this many tokens (0: chunks of <= 2^27 logits)

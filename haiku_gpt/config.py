@@ -43,7 +43,19 @@ def padded_vocab_size(meta: dict, requested: int = 0) -> int:
 
 def _platform(config: ml_collections.ConfigDict, mesh=None) -> str | None:
     """The platform the run compiles for, where it matters (cuDNN attention): the target's, or this one's."""
-    return run_platform(config, mesh) if config.attention_impl == "cudnn" else None
+    needed = config.attention_impl == "cudnn" or config.kernel_family != "auto"
+    return run_platform(config, mesh) if needed else None
+
+
+def _device_kind(config: ml_collections.ConfigDict, mesh=None) -> str | None:
+    """The GPU the run compiles for, where it matters (kernel_family='mosaic_gpu' needs a Hopper one)."""
+    if config.kernel_family == "auto" or _platform(config, mesh) != "gpu":
+        return None
+    if mesh is not None:
+        return mesh.devices.flat[0].device_kind
+    import jax  # noqa: PLC0415
+
+    return jax.devices()[0].device_kind
 
 
 def resolve_dtype(dtype: str, platform: str) -> str:
@@ -119,7 +131,8 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
     config = resolved(config, mesh)  # dtype=auto: the run's
     try:
         check_attention_impl(config.attention_impl, config.dropout, platform=_platform(config, mesh),
-                             dtype=config.dtype)
+                             dtype=config.dtype, kernel_family=config.kernel_family,
+                             head_dim=config.n_embd // config.n_head, device_kind=_device_kind(config, mesh))
     except ValueError as e:
         bad(f"{e}.")
     if config.init_from not in INIT_FROM + GPT2_NAMES and not os.path.isdir(os.path.expanduser(config.init_from)):
@@ -187,6 +200,12 @@ def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:
         raise UserError(f"--config.sample.window={s.window!r} is not one of {', '.join(SAMPLE_WINDOWS)}.")
 
 
+def attention_desc(config: ml_collections.ConfigDict) -> str:
+    """The attention the run uses, as its logs name it: 'pallas', or 'pallas (mosaic_gpu kernels)'."""
+    family = config.get("kernel_family", "auto")
+    return config.attention_impl + (f" ({family} kernels)" if family != "auto" and config.attention_impl == "pallas" else "")
+
+
 def kv_heads(config: ml_collections.ConfigDict) -> int:
     """The run's key/value heads: --config.n_kv_head, or n_head when it is 0."""
     return config.n_kv_head or config.n_head
@@ -196,7 +215,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfi
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, n_kv_head=kv_heads(config), dropout=config.dropout,
-        bias=config.bias, attention_impl=config.attention_impl, check_attention=config.check_attention,
+        bias=config.bias, attention_impl=config.attention_impl, kernel_family=config.kernel_family,
+        check_attention=config.check_attention,
         remat=config.remat, loss_chunk_tokens=config.loss_chunk_tokens)
 
 
@@ -205,5 +225,5 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "kv_heads", "model_config", "padded_vocab_size",
+__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "attention_desc", "kv_heads", "model_config", "padded_vocab_size",
            "validate", "validate_sample"]

@@ -51,6 +51,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     attention_impl: str = "reference"
+    kernel_family: str = "auto"  # attention_impl='pallas': its GPU kernels (kernels.families.KERNEL_FAMILIES)
     check_attention: bool = False
     remat: str = "none"  # REMAT_POLICIES: what the backward pass recomputes instead of storing
     loss_chunk_tokens: int = 0  # tokens per lm_head + cross-entropy chunk (haiku_gpt/loss.py); 0: automatic
@@ -176,7 +177,7 @@ class CausalSelfAttention(hk.Module):
             attend = (functools.partial(kernels.cross_checked_attention, layer=self.module_name)
                       if cfg.check_attention else kernels.attention)  # --config.check_attention: chex vs reference
             y = attend(q, k, v, impl=cfg.attention_impl, causal=True, dropout_rate=dropout_rate, dropout_seed=seed,
-                       segment_ids=segment_ids)
+                       segment_ids=segment_ids, kernel_family=cfg.kernel_family)
         else:
             # Decoding: write this step's keys/values at their positions of this layer's
             # cache (in place: only T positions are written), then attend over the cache.

@@ -12,7 +12,7 @@ import signal
 import ml_collections
 
 from haiku_gpt import distributed, evaluate, export, preflight, prepare, pretrained, sample, train
-from haiku_gpt.config import resolved
+from haiku_gpt.config import attention_desc, resolved
 from haiku_gpt.errors import UserError
 from haiku_gpt.experiment import setup
 
@@ -28,7 +28,7 @@ def run(mode: str, config: ml_collections.ConfigDict) -> int:
     if distributed.is_main_process():  # several processes: only process 0 prints
         auto = " (auto)" if chosen.dtype != config.dtype else ""
         print(f"config: {config.config_name}; mode: {mode}; {_devices(config)}; dtype {chosen.dtype}{auto}; "
-              f"attention {config.attention_impl}", flush=True)
+              f"attention {attention_desc(config)}", flush=True)
     config = chosen
     with_dataset = needs_dataset(mode, config)
     if with_dataset and mode in ("train", "check"):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from haiku_gpt import costs
+from haiku_gpt.config import attention_desc
 from haiku_gpt.errors import UserError, cudnn_missing
 from haiku_gpt.experiment import Experiment
 from haiku_gpt.sample import generate_tokens
@@ -268,7 +269,7 @@ def _preflight(exp: Experiment, compile: bool) -> Report:
     heads = f"{mcfg.n_head} heads" + (f" ({mcfg.kv_heads} key/value)" if mcfg.kv_heads != mcfg.n_head else "")
     model_desc = (f"{mcfg.n_layer} layers, {heads}, {mcfg.n_embd} wide, block {mcfg.block_size}, "
                   f"vocab {mcfg.vocab_size}, batch {config.batch_size} x {config.gradient_accumulation_steps}, "
-                  f"{config.dtype}, attention {config.attention_impl}"
+                  f"{config.dtype}, attention {attention_desc(config)}"
                   + (", document mask" if config.document_mask else ""))
     report = Report(
         config_name=config.config_name, model=model_desc, device=device_desc, devices=devices,

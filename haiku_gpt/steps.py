@@ -175,7 +175,8 @@ def make_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
     # Initialise through the reference attention without the cross-check: attention has no
     # parameters, so every impl gives the same ones, and init (which runs the forward) neither
     # compiles a kernel nor meets chex's value assertions when it runs abstractly (jax.eval_shape).
-    init_model = make_model(dataclasses.replace(mcfg, attention_impl="reference", check_attention=False))
+    init_model = make_model(dataclasses.replace(mcfg, attention_impl="reference", kernel_family="auto",
+                                                check_attention=False))
 
     def init(seed: int) -> TrainingState:
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))

@@ -81,6 +81,10 @@ when compiling ahead of time for hardware that is not here. Numerics of both
 families are tested in interpret mode (`_streamed=True` interprets the TPU
 family), which runs the same kernel bodies.
 
+Families. `family="auto"` is all of the above. `family="mosaic_gpu"` hands the
+call to `kernels.flash_attention_mgpu`, an opt-in Hopper family in Pallas
+Mosaic GPU (wgmma, TMA), with the same masks and dropout bits.
+
 Fall-back: when q and k/v lengths differ (decode / chunked prefill) this calls
 `reference_attention` (causal mask bottom-right aligned) instead of the kernel.
 """
@@ -103,6 +107,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int, UInt32
 
+from haiku_gpt.kernels.families import check_kernel_family, is_hopper
 from haiku_gpt.kernels.dropout import keep_mask, keep_threshold, row_hash
 from haiku_gpt.kernels.reference import default_scale, reference_attention
 
@@ -298,7 +303,7 @@ _FORWARD, _BACKWARD = 0, 1  # the two passes' tiles in a (forward, backward) pai
 def _gpu_generation(device_kind: str) -> int:
     """Compute capability major the tiles are chosen for: 9 for Hopper, else 8 (Ampere's
     tiles, which also compile, unspilled, everywhere newer)."""
-    return 9 if any(name in device_kind.upper() for name in ("H100", "H200", "H800", "GH200")) else 8
+    return 9 if is_hopper(device_kind) else 8
 
 
 def triton_tiles(device_kind: str, head_dim_padded: int, dtype, backward: bool) -> tuple[int, int, int, int]:
@@ -1089,6 +1094,7 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    family: str = "auto",
     _debug_poison: bool = False,
     _streamed: bool = False,
 ) -> Float[Array, "batch q_len heads head_dim"]:
@@ -1116,6 +1122,11 @@ def flash_attention(
         be powers of two on GPU (Triton).
       interpret: None = Pallas interpreter on CPU, compiled kernels on GPU/TPU
         (decided at lowering time); True = always interpret; False = never.
+      family: "auto" = this module's kernels (Triton on GPU, Mosaic on TPU);
+        "mosaic_gpu" = the Hopper family (`kernels.flash_attention_mgpu`: wgmma and
+        TMA, 16-bit inputs, head_dim <= 128, no attention dropout; opt-in until a
+        GPU has checked and timed it), compiled for H100/H200 and interpreted on
+        the CPU (`interpret=None` decides when tracing); block_q/block_k are its own.
       _debug_poison: start every kernel output as NaN (tests only: catches
         elements a kernel forgets to write).
       _streamed: in the interpreter, run the TPU kernels (K/V streamed through
@@ -1155,6 +1166,7 @@ def flash_attention(
     for name, block in (("block_q", block_q), ("block_k", block_k)):
         if block is not None and (not isinstance(block, int) or block < 8 or block % 8):
             raise ValueError(f"{name} must be a positive multiple of 8, got {block!r}")
+    check_kernel_family("pallas", family)
     opts = _Options(causal=bool(causal), sm_scale=default_scale(q.shape[-1], sm_scale),
                     dropout_rate=float(dropout_rate), block_q=block_q, block_k=block_k,
                     interpret=interpret, debug_poison=bool(_debug_poison),
@@ -1163,13 +1175,50 @@ def flash_attention(
     # scalars on TPU). Without dropout it is a dummy that the kernels never read.
     seed = jnp.asarray(dropout_seed if dropout_rate > 0.0 else 0).astype(jnp.uint32)
     seed = jnp.stack([seed, jnp.uint32(0)])
+    if family == "mosaic_gpu":
+        return _mosaic_gpu(q, k, v, seed, segment_ids, opts)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return _flash(q, k, v, seed, segment_ids, opts)
-    return _sharded_over_batch(mesh, opts, q, k, v, seed, segment_ids)
+    return _sharded_over_batch(mesh, lambda *args: _flash(*args, opts), q, k, v, seed, segment_ids)
 
 
-def _sharded_over_batch(mesh, opts: _Options, q, k, v, seed, segment_ids=None):
+def _mosaic_gpu(q, k, v, seed, segment_ids, opts: _Options):
+    """The Hopper family (`kernels.flash_attention_mgpu`), on one device or on each device of a mesh."""
+    from haiku_gpt.kernels import flash_attention_mgpu as mgpu  # noqa: PLC0415
+
+    check_kernel_family("pallas", "mosaic_gpu", dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1])
+    if (opts.block_q, opts.block_k) != (None, None):
+        raise ValueError(f"flash_attention(family='mosaic_gpu') tiles by one warpgroup, {mgpu.BLOCK} x "
+                         f"{mgpu.BLOCK}: leave block_q and block_k unset")
+    run = functools.partial(mgpu.attention, causal=opts.causal, sm_scale=opts.sm_scale,
+                            dropout_rate=opts.dropout_rate, interpret=_mosaic_gpu_interprets(opts.interpret))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(q, k, v, segment_ids, seed)
+    return _sharded_over_batch(mesh, lambda q, k, v, seed, segment_ids: run(q, k, v, segment_ids, seed), q, k, v,
+                               seed, segment_ids)
+
+
+def _mosaic_gpu_interprets(interpret: bool | None) -> bool:
+    """Whether the Hopper family runs in its interpreter, decided when tracing (its interpreter's
+    ordered callbacks cannot sit in a `lax.platform_dependent` branch): compiled for a Hopper GPU
+    (this process's, or `compiling_for`'s), interpreted on a CPU; refused for anything else."""
+    if interpret is not None:
+        return bool(interpret)
+    kind = _device_kind_override.get()
+    if kind is None:
+        if jax.default_backend() == "cpu":
+            return True
+        kind = jax.devices()[0].device_kind
+    if not is_hopper(kind):
+        raise ValueError(f"flash_attention(family='mosaic_gpu') compiles for Hopper GPUs only (H100, H200: wgmma "
+                         f"and TMA), and this runs on {kind!r}: use the default kernel family "
+                         "(--config.kernel_family=auto)")
+    return False
+
+
+def _sharded_over_batch(mesh, flash: Callable, q, k, v, seed, segment_ids=None):
     """Under a device mesh (data-parallel training), each device runs the kernel on its batch rows.
 
     XLA cannot partition a Pallas custom call ("Mosaic kernels cannot be
@@ -1186,7 +1235,7 @@ def _sharded_over_batch(mesh, opts: _Options, q, k, v, seed, segment_ids=None):
 
     def local(q, k, v, seed, segment_ids):
         offset = lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(q.shape[0])
-        return _flash(q, k, v, seed.at[1].add(offset), segment_ids, opts)
+        return flash(q, k, v, seed.at[1].add(offset), segment_ids)
 
     segment_spec = None if segment_ids is None else rows
     return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec(), segment_spec),

@@ -154,7 +154,7 @@ needs_tpu = pytest.mark.skipif(bool(_aot_missing("tpu-v5e")), reason=str(_aot_mi
 # long ones keeps a long file from starting last while the other workers sit idle (the greedy longest-first
 # schedule). Files not listed keep their order, after these. Only the order changes, never what runs.
 LONGEST_FIRST = ["test_distributed.py", "test_reliability.py", "test_compile_targets.py", "test_kernels.py",
-                 "test_train.py", "test_launch.py", "test_metrics.py", "test_pretrained.py", "test_sample.py",
+                 "test_train.py", "test_kernels_mgpu.py", "test_launch.py", "test_metrics.py", "test_pretrained.py", "test_sample.py",
                  "test_model.py", "test_attention_dispatch.py", "test_attention_masks.py", "test_bench.py"]
 
 

@@ -16,6 +16,9 @@ LAYERS = [
     "haiku_gpt.system",         # the machine: allocator, platforms, memory, compiler options
     "haiku_gpt.kernels.dropout",          # the attention-dropout hash
     "haiku_gpt.kernels.reference",        # einsum attention (and the cached decode form)
+    "haiku_gpt.kernels.families",         # the pallas kernel's families and what each can run
+    "haiku_gpt.kernels.mosaic_gpu_interpret",  # JAX's Mosaic GPU interpreter, with a fix to its wgmma
+    "haiku_gpt.kernels.flash_attention_mgpu",  # the kernel's Hopper family (Pallas Mosaic GPU)
     "haiku_gpt.kernels.flash_attention",  # the Pallas kernel
     "haiku_gpt.kernels.attention",        # the dispatcher over attention_impl
     "haiku_gpt.kernels",

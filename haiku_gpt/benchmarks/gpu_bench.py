@@ -1,10 +1,10 @@
 """`python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR]`: one command that measures a GPU.
 
 Prints four tables and writes them (markdown and JSON) to --json_out's folder:
-  1. attention: pallas, cudnn and xla, forward and forward+backward, bf16, causal, in TFLOP/s counted as
+  1. attention: pallas (its Triton and its opt-in Hopper family, "pallas mosaic_gpu"), cudnn and xla, forward and forward+backward, bf16, causal, in TFLOP/s counted as
      causal FLOPs (forward 2 B H T^2 D, forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES` (with a
      grouped-query row and a document-masked one);
-  2. the gpt2_124m train step (batch 16 x 1024, bf16) for pallas and cudnn: ms/iter, tokens/s and MFU
+  2. the gpt2_124m train step (batch 16 x 1024, bf16) for pallas (both families) and cudnn: ms/iter, tokens/s and MFU
      (against the datasheet's dense bf16 peak), beside nanoGPT's own train.py with --compile=True;
   3. the char quick start (configs/shakespeare_char.py through the real training loop, pallas, bf16): p10,
      median and p90 ms/iter over `CHAR_ITERS` steps, beside nanoGPT's train.py on the same data;
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from haiku_gpt import costs
+from haiku_gpt.config import attention_desc
 
 # (batch, seq, heads, head_dim, kv_heads, documents): the four causal shapes, then grouped-query K/V (32 query
 # heads over 8 K/V heads) and document masking (each row of the batch 8 documents of T/8 tokens, segment ids)
@@ -63,9 +64,11 @@ def _passes(attend):
     return forward, backward
 
 
-def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=jnp.bfloat16) -> list[dict]:
+def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "pallas mosaic_gpu", "cudnn", "xla"),
+                 dtype=jnp.bfloat16) -> list[dict]:
     """Forward and forward+backward TFLOP/s of each attention implementation at each shape, counting the
-    FLOPs the mask leaves: causal, within each document (2 B H D sum(L^2) for documents of length L)."""
+    FLOPs the mask leaves: causal, within each document (2 B H D sum(L^2) for documents of length L).
+    "pallas mosaic_gpu" is the pallas kernel's Hopper family (kernel_family='mosaic_gpu')."""
     from haiku_gpt.kernels import attention  # noqa: PLC0415
 
     rows = []
@@ -82,8 +85,9 @@ def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "cudnn", "xla"), dtype=j
             if impl == "xla" and (seq > XLA_MAX_SEQ or kv_heads != heads or documents > 1):
                 rows.append({**row, "skipped": f"T > {XLA_MAX_SEQ}" if seq > XLA_MAX_SEQ else "causal rows only"})
                 continue
-            fwd, fwd_bwd = _passes(lambda q, k, v, impl=impl, ids=ids: attention(q, k, v, impl=impl,
-                                                                                  segment_ids=ids))
+            name, family = (impl.split() + ["auto"])[:2]
+            fwd, fwd_bwd = _passes(lambda q, k, v, name=name, family=family, ids=ids: attention(
+                q, k, v, impl=name, segment_ids=ids, kernel_family=family))
             try:
                 t_fwd = _median_seconds(fwd, q, k, v)
                 t_all = _median_seconds(fwd_bwd, q, k, v, do)
@@ -194,7 +198,7 @@ def train_step_speed(config, vocab: int, iters: int = 30, warmup: int = 5) -> di
     tokens = config.batch_size * config.block_size
     peak, _ = costs.peak_flops(0.0, config.dtype)
     flops = costs.flops_per_step(config, steps.model_config)
-    return {"attention": config.attention_impl, "ms_per_iter": dt * 1e3, "tokens_per_sec": tokens / dt,
+    return {"attention": attention_desc(config), "ms_per_iter": dt * 1e3, "tokens_per_sec": tokens / dt,
             "mfu": costs.mfu(flops, dt, peak), "first_call_s": compile_s, "steps": steps, "state": state,
             "batch": batches[0]}
 
@@ -358,10 +362,12 @@ def _row_text(row: dict) -> str:
 
 
 def _gpt2_config(attention_impl: str):
+    """gpt2_124m's bench config; attention_impl "pallas mosaic_gpu": pallas with its Hopper kernel family."""
     from haiku_gpt.configs import gpt2_124m  # noqa: PLC0415
 
     config = gpt2_124m.get_config()
-    config.update(attention_impl=attention_impl, **GPT2_OVERRIDES)
+    impl, family = (attention_impl.split() + ["auto"])[:2]
+    config.update(attention_impl=impl, kernel_family=family, **GPT2_OVERRIDES)
     return config
 
 
@@ -420,8 +426,13 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=("kernels", 
     nano_data = _synthetic_nanogpt_data(nanogpt_dir) if nanogpt_dir else None
     if "gpt2" in parts:
         results["gpt2"] = {}
-        for impl in ("pallas", "cudnn"):
-            timed = train_step_speed(_gpt2_config(impl), GPT2_OVERRIDES["vocab_size"])
+        for impl in ("pallas", "pallas mosaic_gpu", "cudnn"):
+            try:
+                timed = train_step_speed(_gpt2_config(impl), GPT2_OVERRIDES["vocab_size"])
+            except Exception as e:  # noqa: BLE001 (the opt-in family failing is a result, not the end of the run)
+                results["gpt2"][f"haiku_gpt {impl}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                print(f"gpt2_124m {impl}: {results['gpt2'][f'haiku_gpt {impl}']}", flush=True)
+                continue
             results["gpt2"][f"haiku_gpt {impl}"] = {k: v for k, v in timed.items()
                                                      if k not in ("steps", "state", "batch")}
             print(f"gpt2_124m {impl}: {_row_text(results['gpt2'][f'haiku_gpt {impl}'])}", flush=True)
