@@ -203,7 +203,8 @@ def validate_sample(config: ml_collections.ConfigDict, vocab_size: int) -> None:
 def attention_desc(config: ml_collections.ConfigDict) -> str:
     """The attention the run uses, as its logs name it: 'pallas', or 'pallas (mosaic_gpu kernels)'."""
     family = config.get("kernel_family", "auto")
-    return config.attention_impl + (f" ({family} kernels)" if family != "auto" and config.attention_impl == "pallas" else "")
+    named = family != "auto" and config.attention_impl == "pallas"
+    return config.attention_impl + (f" ({family} kernels)" if named else "")
 
 
 def kv_heads(config: ml_collections.ConfigDict) -> int:

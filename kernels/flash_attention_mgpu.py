@@ -40,11 +40,12 @@ Masks. A masked score is MASK_VALUE (finite), never -inf: a row whose first visi
 its keys (segment ids) gets m = MASK_VALUE and p = 1 there, which its first real score wipes out
 (alpha = exp2(MASK_VALUE - m) = 0); every row has at least one real key, itself.
 
-Scope: bfloat16 and float16 (wgmma's 16-bit inputs; float32 stays on the Triton family), head_dim up
-to 128 (at 256 the dK/dV kernel's two accumulators alone would take 256 registers a thread), causal or not, grouped-query heads, segment ids (masked, not skipped), any length. Attention
-dropout is not in this family yet: it is refused with the fix named. Tiles are one warpgroup of 64 x
-64, not yet measured on a GPU (docs/kernels.md); no GPU has run this family yet, which is why it is
-opt-in.
+Scope: bfloat16 and float16 (wgmma's 16-bit inputs; float32 stays on the Triton family); head_dim up
+to 128 (at 256 the dK/dV kernel's two accumulators alone would take 256 registers a thread); causal or
+not; grouped-query heads; segment ids (masked, not skipped); attention dropout with the reference's
+bits (XLA hashes each query row once, [B, H, Tp]; the kernels finish the hash with the key positions);
+any length. Tiles are one warpgroup of 64 x 64, not yet measured on a GPU (docs/kernels.md); no GPU has
+run this family yet, which is why it is opt-in.
 
 Platforms: the compiled kernels lower for CUDA only (sm_90a: wgmma and TMA are Hopper's); on any
 other platform the kernels run in the Mosaic GPU interpreter (`mosaic_gpu_interpret`), which is
@@ -153,6 +154,46 @@ def _dropped(keep, x, st: _Static):
     return jnp.where(keep, x * (1.0 / (1.0 - st.dropout_rate)), 0.0)
 
 
+def _waited_vector(needed: bool, smem, barrier, layout, st: _Static):
+    """A [BLOCK] vector from SMEM once its copy has landed (None where the kernel does not need it)."""
+    if not needed:
+        return None
+    plgpu.barrier_wait(barrier)
+    return _load_vector(smem, layout, st)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeyTile:
+    """The double-buffered K/V tiles a query tile walks (forward, dQ), in SMEM with their barriers (and,
+    with segment ids, the keys' ids)."""
+
+    k_smem: object
+    v_smem: object
+    kseg_smem: object
+    k_bars: object
+    v_bars: object
+    seg_bars: object
+
+    def fetch(self, k_ref, v_ref, seg_ref, b, kvh, st: _Static, j, slot) -> None:
+        """Start the TMA copies of key tile j of (batch b, K/V head kvh) into `slot`."""
+        rows = pl.ds(j * BLOCK, BLOCK)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], self.k_smem.at[slot], self.k_bars.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], self.v_smem.at[slot], self.v_bars.at[slot])
+        if st.segmented:
+            plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], self.kseg_smem.at[slot], self.seg_bars.at[slot])
+
+    def scores(self, q_smem, q_ids, q_base, j, slot, st: _Static, *, masked: bool, key_padding: bool = False):
+        """Key tile j's masked base-2 scores S * sm_scale * log2(e), [BLOCK, BLOCK]."""
+        plgpu.barrier_wait(self.k_bars.at[slot])
+        s = _matmul(q_smem, _transposed(self.k_smem.at[slot]), (BLOCK, BLOCK)) * (st.sm_scale * LOG2E)
+        if not masked:
+            return s
+        segs = None
+        if st.segmented:
+            segs = (q_ids, _waited_vector(True, self.kseg_smem.at[slot], self.seg_bars.at[slot], _COLS, st))
+        return _apply(_tile_mask(q_base, j * BLOCK, st, key_padding=key_padding, segs=segs), s)
+
+
 def _apply(mask, scores):
     """Masked scores become MASK_VALUE (no mask: the tile is traced but never run, an empty part)."""
     return scores if mask is None else jnp.where(mask, scores, MASK_VALUE)
@@ -234,34 +275,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, o_ref, lse_ref,
     if st.dropout_rate:
         plgpu.copy_gmem_to_smem(hash_ref.at[b, h, pl.ds(q_base, BLOCK)], hash_smem, hash_bars.at[0])
 
-    def fetch(j, slot):
-        rows = pl.ds(j * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bars.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bars.at[slot])
-        if st.segmented:
-            plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], kseg_smem.at[slot], seg_bars.at[slot])
+    key_tile = _KeyTile(k_smem, v_smem, kseg_smem, k_bars, v_bars, seg_bars)
+    fetch = functools.partial(key_tile.fetch, k_ref, v_ref, seg_ref, b, kvh, st)
 
-    q_ids = None
     plgpu.barrier_wait(q_bars.at[0])
-    if st.segmented:
-        plgpu.barrier_wait(q_bars.at[1])
-        q_ids = _load_vector(qseg_smem, _ROWS, st)
-    hashes = None
-    if st.dropout_rate:
-        plgpu.barrier_wait(hash_bars.at[0])
-        hashes = _load_vector(hash_smem, _ROWS, st)
-    scale = st.sm_scale * LOG2E
+    q_ids = _waited_vector(st.segmented, qseg_smem, q_bars.at[1], _ROWS, st)
+    hashes = _waited_vector(st.dropout_rate > 0, hash_smem, hash_bars.at[0], _ROWS, st)
 
     def step(j, slot, carry, *, masked: bool):
         acc, m, l = carry
-        plgpu.barrier_wait(k_bars.at[slot])
-        s = _matmul(q_smem, _transposed(k_smem.at[slot]), (BLOCK, BLOCK)) * scale
-        if masked:
-            segs = None
-            if st.segmented:
-                plgpu.barrier_wait(seg_bars.at[slot])
-                segs = (q_ids, _load_vector(kseg_smem.at[slot], _COLS, st))
-            s = _apply(_tile_mask(q_base, j * BLOCK, st, key_padding=seq_padded != st.seq_len, segs=segs), s)
+        s = key_tile.scores(q_smem, q_ids, q_base, j, slot, st, masked=masked,
+                            key_padding=seq_padded != st.seq_len)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -332,14 +356,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_
             plgpu.copy_gmem_to_smem(hash_ref.at[b, h, cols], hash_smem.at[slot], hash_bars.at[slot])
 
     _first_fetch(st.group * n, fetch)
-    k_ids = None
     if st.segmented:
         plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], kseg_smem, kseg_bars.at[0])
     plgpu.barrier_wait(kv_bars.at[0])
     plgpu.barrier_wait(kv_bars.at[1])
-    if st.segmented:
-        plgpu.barrier_wait(kseg_bars.at[0])
-        k_ids = _load_vector(kseg_smem, _ROWS, st)
+    k_ids = _waited_vector(st.segmented, kseg_smem, kseg_bars.at[0], _ROWS, st)
     scale = st.sm_scale * LOG2E
     dtype = k_smem.dtype
 
@@ -350,8 +371,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_
         if masked:
             segs = None
             if st.segmented:
-                plgpu.barrier_wait(qseg_bars.at[slot])
-                segs = (k_ids, _load_vector(qseg_smem.at[slot], _COLS, st))
+                segs = (k_ids, _waited_vector(True, qseg_smem.at[slot], qseg_bars.at[slot], _COLS, st))
             q_base = (first + lax.rem(t, n)) * BLOCK
             s_t = _apply(_tile_mask(k_base, q_base, st, segs=segs, transposed=True), s_t)
         plgpu.barrier_wait(lse_bars.at[slot])
@@ -407,12 +427,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_re
     if st.dropout_rate:
         plgpu.copy_gmem_to_smem(hash_ref.at[b, h, rows], hash_smem, qseg_bars.at[1])
 
-    def fetch(j, slot):
-        cols = pl.ds(j * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kvh], k_smem.at[slot], k_bars.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kvh], v_smem.at[slot], v_bars.at[slot])
-        if st.segmented:
-            plgpu.copy_gmem_to_smem(seg_ref.at[b, cols], kseg_smem.at[slot], seg_bars.at[slot])
+    key_tile = _KeyTile(k_smem, v_smem, kseg_smem, k_bars, v_bars, seg_bars)
+    fetch = functools.partial(key_tile.fetch, k_ref, v_ref, seg_ref, b, kvh, st)
 
     first_masked, end = _key_tiles(qi, st, seq_padded, key_padding=False)
     _first_fetch(end, fetch)
@@ -421,25 +437,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_re
         plgpu.barrier_wait(bars.at[1])
     lse = _load_vector(lse_smem, _ROWS, st)
     delta = _load_vector(delta_smem, _ROWS, st)
-    q_ids = None
-    if st.segmented:
-        plgpu.barrier_wait(qseg_bars.at[0])
-        q_ids = _load_vector(qseg_smem, _ROWS, st)
-    hashes = None
-    if st.dropout_rate:
-        plgpu.barrier_wait(qseg_bars.at[1])
-        hashes = _load_vector(hash_smem, _ROWS, st)
-    scale = st.sm_scale * LOG2E
+    q_ids = _waited_vector(st.segmented, qseg_smem, qseg_bars.at[0], _ROWS, st)
+    hashes = _waited_vector(st.dropout_rate > 0, hash_smem, qseg_bars.at[1], _ROWS, st)
 
     def step(j, slot, dq, *, masked: bool):
-        plgpu.barrier_wait(k_bars.at[slot])
-        s = _matmul(q_smem, _transposed(k_smem.at[slot]), (BLOCK, BLOCK)) * scale
-        if masked:
-            segs = None
-            if st.segmented:
-                plgpu.barrier_wait(seg_bars.at[slot])
-                segs = (q_ids, _load_vector(kseg_smem.at[slot], _COLS, st))
-            s = _apply(_tile_mask(q_base, j * BLOCK, st, segs=segs), s)
+        s = key_tile.scores(q_smem, q_ids, q_base, j, slot, st, masked=masked)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
         plgpu.barrier_wait(v_bars.at[slot])
         dp = _matmul(do_smem, _transposed(v_smem.at[slot]), (BLOCK, BLOCK))

@@ -72,7 +72,8 @@ def test_dropout_keeps_exactly_the_reference_bits():
     batch, seq, heads, kv_heads, rate, seed = 2, 128, 4, 2, 0.3, 99
     q, k, _, _ = gqa_inputs(11, batch, seq, heads, kv_heads, seq, dtype=jnp.float16)
     v = jnp.broadcast_to(jnp.eye(seq, dtype=jnp.float16)[None, :, None, :], (batch, seq, kv_heads, seq))
-    out = jax.jit(functools.partial(flash_attention, dropout_rate=rate, dropout_seed=seed, family="mosaic_gpu"))(q, k, v)
+    attend = functools.partial(flash_attention, dropout_rate=rate, dropout_seed=seed, family="mosaic_gpu")
+    out = jax.jit(attend)(q, k, v)
     kept = np.asarray(out, np.float32).transpose(0, 2, 1, 3) != 0.0  # [B, H, Tq, Tk]
     expected = np.array(dropout_keep_mask(seed, batch, heads, seq, seq, rate)) & np.tril(np.ones((seq, seq), bool))
     np.testing.assert_array_equal(kept, expected)

@@ -1,11 +1,12 @@
 """`python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR]`: one command that measures a GPU.
 
 Prints four tables and writes them (markdown and JSON) to --json_out's folder:
-  1. attention: pallas (its Triton and its opt-in Hopper family, "pallas mosaic_gpu"), cudnn and xla, forward and forward+backward, bf16, causal, in TFLOP/s counted as
-     causal FLOPs (forward 2 B H T^2 D, forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES` (with a
-     grouped-query row and a document-masked one);
-  2. the gpt2_124m train step (batch 16 x 1024, bf16) for pallas (both families) and cudnn: ms/iter, tokens/s and MFU
-     (against the datasheet's dense bf16 peak), beside nanoGPT's own train.py with --compile=True;
+  1. attention: pallas (its Triton and its opt-in Hopper family, "pallas mosaic_gpu"), cudnn and xla,
+     forward and forward+backward, bf16, causal, in TFLOP/s counted as causal FLOPs (forward 2 B H T^2 D,
+     forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES` (with a grouped-query row and a
+     document-masked one);
+  2. the gpt2_124m train step (batch 16 x 1024, bf16) for pallas (both families) and cudnn: ms/iter, tokens/s
+     and MFU (against the datasheet's dense bf16 peak), beside nanoGPT's own train.py with --compile=True;
   3. the char quick start (configs/shakespeare_char.py through the real training loop, pallas, bf16): p10,
      median and p90 ms/iter over `CHAR_ITERS` steps, beside nanoGPT's train.py on the same data;
   4. where one gpt2_124m step's GPU time goes, from a jax.profiler trace: float32 GEMMs, bf16 GEMMs,
