@@ -23,6 +23,7 @@ traces: training itself runs the same code without the checking overhead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -201,6 +202,17 @@ def _kernel_line(kernel) -> str:
     return text + "".join(f"; ptxas: {w}" for w in kernel.warnings)
 
 
+def _tracing_for(target):
+    """Trace as the target's compile will: the attention kernel picks its tiles, and its Hopper family
+    compiled kernels instead of its interpreter, when tracing; jit reuses these traces when it lowers the
+    step for the target, so they must already be the target's."""
+    if target is None:
+        return contextlib.nullcontext()
+    from haiku_gpt.kernels.flash_attention import compiling_for  # noqa: PLC0415
+
+    return compiling_for(target.device_kind)
+
+
 def _compile_for_target(report: Report, target, steps, state, tokens, config) -> None:
     """Compile the sharded train step for `target`'s compile-only devices; refuse it if it does not fit."""
     from haiku_gpt.aot import targets  # noqa: PLC0415
@@ -282,7 +294,8 @@ def _preflight(exp: Experiment, compile: bool) -> Report:
     # The attention cross-check (chex value assertions) needs concrete values, so the traces and the
     # compile leave it out (`Steps.traceable`): it changes no shape.
     steps = exp.steps.traceable()
-    state, tokens = _trace_all(exp, steps, report)
+    with _tracing_for(target):
+        state, tokens = _trace_all(exp, steps, report)
     if compile and target is not None:
         _compile_for_target(report, target, steps, state, tokens, config)
     elif compile:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import needs_cuda
+from conftest import needs_cuda, quiet
 from test_attention_masks import attention_float64, gqa_inputs, rel_err, segments
 
 from haiku_gpt import kernels
@@ -161,3 +161,19 @@ def test_h100_compiles_forward_and_backward_without_spills(head_dim, dtype):
     for kernel in result.kernels:
         assert kernel.gpu_arch == "sm_90a" and kernel.threads_per_block == 128, kernel
         assert kernel.registers <= 255 and kernel.spill_store_bytes == kernel.spill_load_bytes == 0, kernel
+
+
+@needs_cuda
+def test_check_mode_compiles_the_step_with_it_for_an_h100(tiny_config):
+    """--mode=check --config.target=h100 with kernel_family=mosaic_gpu: the preflight traces the step as the
+    target's compile does (the compiled kernels, not the CPU's interpreter: jit reuses those traces when it
+    lowers for the target) and reports the three Hopper kernels, unknown shared memory said as unknown."""
+    from haiku_gpt import preflight  # noqa: PLC0415
+    from haiku_gpt.experiment import setup  # noqa: PLC0415
+
+    tiny_config.update(target="h100", attention_impl="pallas", kernel_family="mosaic_gpu", dtype="bfloat16",
+                       check_attention=False, n_layer=1, dropout=0.0)
+    report = preflight.check_compiled(setup(tiny_config, quiet, mesh=preflight.target_mesh(tiny_config)))
+    names = sorted(line.split(":")[0] for line in report.kernels)
+    assert names == ["flash_attention_mgpu_dkdv", "flash_attention_mgpu_dq", "flash_attention_mgpu_fwd"], names
+    assert all("0 bytes spilled, shared memory unknown" in line for line in report.kernels), report.kernels

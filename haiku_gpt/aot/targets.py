@@ -359,6 +359,10 @@ class KernelResources:
 
     @property
     def shared_memory_bytes(self) -> int | None:
+        """Per block, static + dynamic; None where the launch's dynamic part is unknown (a GPU kernel outside
+        XLA's thunk sequence: Pallas Mosaic GPU's, whose shared memory is nearly all dynamic)."""
+        if self.platform == "cuda" and self.dynamic_shared_memory_bytes is None:
+            return None
         parts = [b for b in (self.dynamic_shared_memory_bytes, self.static_shared_memory_bytes) if b is not None]
         return sum(parts) if parts else None
 
