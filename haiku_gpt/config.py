@@ -42,7 +42,8 @@ def padded_vocab_size(meta: dict, requested: int = 0) -> int:
 
 
 def _platform(config: ml_collections.ConfigDict, mesh=None) -> str | None:
-    """The platform the run compiles for, where it matters (cuDNN attention): the target's, or this one's."""
+    """The platform the run compiles for, where it matters (cuDNN attention, a kernel family other than auto):
+    the target's, or this one's."""
     needed = config.attention_impl == "cudnn" or config.kernel_family != "auto"
     return run_platform(config, mesh) if needed else None
 
@@ -226,5 +227,5 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "attention_desc", "kv_heads", "model_config", "padded_vocab_size",
-           "validate", "validate_sample"]
+__all__ = ["ATTENTION_IMPLS", "GPT2_NAMES", "MODEL_FIELDS", "attention_desc", "kv_heads", "model_config",
+           "padded_vocab_size", "validate", "validate_sample"]

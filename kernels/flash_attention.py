@@ -109,11 +109,8 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from haiku_gpt.kernels.families import check_kernel_family, is_hopper
 from haiku_gpt.kernels.dropout import keep_mask, keep_threshold, row_hash
-from haiku_gpt.kernels.reference import default_scale, reference_attention
+from haiku_gpt.kernels.reference import MASK_VALUE, default_scale, reference_attention
 
-# A finite "minus infinity" for masked scores: exp(MASK - m) underflows to 0,
-# while a masked-only block can never produce inf - inf = NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 MAX_HEAD_DIM = 256  # the GPU tiles are tuned up to a padded head_dim of 256
 
 # ---------------------------------------------------------------------------
@@ -1124,7 +1121,7 @@ def flash_attention(
         (decided at lowering time); True = always interpret; False = never.
       family: "auto" = this module's kernels (Triton on GPU, Mosaic on TPU);
         "mosaic_gpu" = the Hopper family (`kernels.flash_attention_mgpu`: wgmma and
-        TMA, 16-bit inputs, head_dim <= 128, no attention dropout; opt-in until a
+        TMA, 16-bit inputs, head_dim <= 128, the same dropout bits; opt-in until a
         GPU has checked and timed it), compiled for H100/H200 and interpreted on
         the CPU (`interpret=None` decides when tracing); block_q/block_k are its own.
       _debug_poison: start every kernel output as NaN (tests only: catches
@@ -1175,29 +1172,25 @@ def flash_attention(
     # scalars on TPU). Without dropout it is a dummy that the kernels never read.
     seed = jnp.asarray(dropout_seed if dropout_rate > 0.0 else 0).astype(jnp.uint32)
     seed = jnp.stack([seed, jnp.uint32(0)])
-    if family == "mosaic_gpu":
-        return _mosaic_gpu(q, k, v, seed, segment_ids, opts)
+    # flash(q, k, v, seed, segment_ids): this module's kernels, or the Hopper family's.
+    flash = _mosaic_gpu(q, opts) if family == "mosaic_gpu" else lambda *args: _flash(*args, opts)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return _flash(q, k, v, seed, segment_ids, opts)
-    return _sharded_over_batch(mesh, lambda *args: _flash(*args, opts), q, k, v, seed, segment_ids)
+        return flash(q, k, v, seed, segment_ids)
+    return _sharded_over_batch(mesh, flash, q, k, v, seed, segment_ids)
 
 
-def _mosaic_gpu(q, k, v, seed, segment_ids, opts: _Options):
-    """The Hopper family (`kernels.flash_attention_mgpu`), on one device or on each device of a mesh."""
+def _mosaic_gpu(q, opts: _Options) -> Callable:
+    """The Hopper family (`kernels.flash_attention_mgpu`) as flash(q, k, v, seed, segment_ids), its
+    refusals made first."""
     from haiku_gpt.kernels import flash_attention_mgpu as mgpu  # noqa: PLC0415
 
     check_kernel_family("pallas", "mosaic_gpu", dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1])
     if (opts.block_q, opts.block_k) != (None, None):
         raise ValueError(f"flash_attention(family='mosaic_gpu') tiles by one warpgroup, {mgpu.BLOCK} x "
                          f"{mgpu.BLOCK}: leave block_q and block_k unset")
-    run = functools.partial(mgpu.attention, causal=opts.causal, sm_scale=opts.sm_scale,
-                            dropout_rate=opts.dropout_rate, interpret=_mosaic_gpu_interprets(opts.interpret))
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return run(q, k, v, segment_ids, seed)
-    return _sharded_over_batch(mesh, lambda q, k, v, seed, segment_ids: run(q, k, v, segment_ids, seed), q, k, v,
-                               seed, segment_ids)
+    return functools.partial(mgpu.attention, causal=opts.causal, sm_scale=opts.sm_scale,
+                             dropout_rate=opts.dropout_rate, interpret=_mosaic_gpu_interprets(opts.interpret))
 
 
 def _mosaic_gpu_interprets(interpret: bool | None) -> bool:

@@ -67,10 +67,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from haiku_gpt.kernels import mosaic_gpu_interpret
 from haiku_gpt.kernels.dropout import keep_mask, row_hash
+from haiku_gpt.kernels.reference import MASK_VALUE
 
 BLOCK = 64  # one warpgroup's wgmma tile rows (M = 64); queries and keys alike
 HEAD_DIM_MULTIPLE = 64  # a 128-byte swizzled row of a 16-bit dtype
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 _SWIZZLE = 128  # bytes
 _TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.SwizzleTransform(_SWIZZLE))
@@ -562,11 +562,12 @@ def _backward(st: _Static, q, k, v, seg, hashes, o, lse, do):
 # ---------------------------------------------------------------------------
 
 
-def attention(q, k, v, segment_ids=None, seed=None, *, causal: bool = True, sm_scale: float,
+def attention(q, k, v, seed, segment_ids=None, *, causal: bool = True, sm_scale: float,
               dropout_rate: float = 0.0, interpret: bool):
     """softmax(q kᵀ sm_scale [+ masks]) v with the Hopper kernels, attention dropout drawn as
-    `reference_attention` draws it. q [B, T, H, D]; k, v [B, T, KVH, D]; segment_ids [B, T] or None;
-    seed: [seed, batch offset] uint32 (needed when dropping). `interpret`: the Mosaic GPU interpreter
+    `reference_attention` draws it. q [B, T, H, D]; k, v [B, T, KVH, D]; seed: [seed, batch offset]
+    uint32 (read when dropping); segment_ids [B, T] or None (the argument order of
+    `kernels.flash_attention`'s own kernels). `interpret`: the Mosaic GPU interpreter
     (CPU) or compiled kernels (CUDA, sm_90), decided by the caller when tracing: the interpreter's
     ordered callbacks cannot sit in a `lax.platform_dependent` branch. Inputs are checked by
     `kernels.flash_attention.flash_attention`."""

@@ -27,6 +27,11 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 from haiku_gpt.kernels.dropout import dropout_keep_mask
 
 
+# The fused kernels' finite "minus infinity" for masked scores: exp(MASK_VALUE - m) underflows to 0, while
+# a tile whose scores are all masked can never produce inf - inf = NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
 def default_scale(head_dim: int, sm_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 

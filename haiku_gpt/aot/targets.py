@@ -810,5 +810,5 @@ def _parse_ptxas(output: str, entries: Sequence[str]) -> dict[str, dict[str, Any
 
 
 __all__ = ["AOT_FIX", "AotUnavailable", "CompileResult", "KernelResources", "MemoryUse", "Target", "TargetError",
-           "MOSAIC_GPU_DUMP", "VALID_TARGETS", "compile_for", "devices", "find_ptxas", "gpu_kernels", "gpu_spec_text", "make_mesh",
-           "memory_use", "parse_target", "ptxas_report", "replicated", "require_aot", "tpu_kernels"]
+           "MOSAIC_GPU_DUMP", "VALID_TARGETS", "compile_for", "devices", "find_ptxas", "gpu_kernels", "gpu_spec_text",
+           "make_mesh", "memory_use", "parse_target", "ptxas_report", "replicated", "require_aot", "tpu_kernels"]

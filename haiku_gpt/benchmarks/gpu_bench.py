@@ -86,7 +86,7 @@ def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "pallas mosaic_gpu", "cu
             if impl == "xla" and (seq > XLA_MAX_SEQ or kv_heads != heads or documents > 1):
                 rows.append({**row, "skipped": f"T > {XLA_MAX_SEQ}" if seq > XLA_MAX_SEQ else "causal rows only"})
                 continue
-            name, family = (impl.split() + ["auto"])[:2]
+            name, family = _impl_and_family(impl)
             fwd, fwd_bwd = _passes(lambda q, k, v, name=name, family=family, ids=ids: attention(
                 q, k, v, impl=name, segment_ids=ids, kernel_family=family))
             try:
@@ -362,12 +362,18 @@ def _row_text(row: dict) -> str:
     return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
 
+def _impl_and_family(label: str) -> tuple[str, str]:
+    """"pallas mosaic_gpu" -> ("pallas", "mosaic_gpu"); "cudnn" -> ("cudnn", "auto")."""
+    impl, _, family = label.partition(" ")
+    return impl, family or "auto"
+
+
 def _gpt2_config(attention_impl: str):
     """gpt2_124m's bench config; attention_impl "pallas mosaic_gpu": pallas with its Hopper kernel family."""
     from haiku_gpt.configs import gpt2_124m  # noqa: PLC0415
 
     config = gpt2_124m.get_config()
-    impl, family = (attention_impl.split() + ["auto"])[:2]
+    impl, family = _impl_and_family(attention_impl)
     config.update(attention_impl=impl, kernel_family=family, **GPT2_OVERRIDES)
     return config
 
@@ -431,7 +437,8 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=("kernels", 
             try:
                 timed = train_step_speed(_gpt2_config(impl), GPT2_OVERRIDES["vocab_size"])
             except Exception as e:  # noqa: BLE001 (the opt-in family failing is a result, not the end of the run)
-                results["gpt2"][f"haiku_gpt {impl}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                results["gpt2"][f"haiku_gpt {impl}"] = {"error": error}
                 print(f"gpt2_124m {impl}: {results['gpt2'][f'haiku_gpt {impl}']}", flush=True)
                 continue
             results["gpt2"][f"haiku_gpt {impl}"] = {k: v for k, v in timed.items()
