@@ -109,7 +109,7 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from haiku_gpt.kernels.families import check_kernel_family, is_hopper
 from haiku_gpt.kernels.dropout import keep_mask, keep_threshold, row_hash
-from haiku_gpt.kernels.reference import MASK_VALUE, default_scale, reference_attention
+from haiku_gpt.kernels.reference import MASK_VALUE, default_scale, reference_attention, segment_spans
 
 MAX_HEAD_DIM = 256  # the GPU tiles are tuned up to a padded head_dim of 256
 
@@ -862,22 +862,8 @@ class _Segments:
         ids = segment_ids.astype(jnp.int32)
         if geom.seq_padded != geom.seq_len:
             ids = jnp.pad(ids, ((0, 0), (0, geom.seq_padded - geom.seq_len)), mode="edge")
-        first, last = jax.vmap(_segment_spans)(ids)
+        first, last = segment_spans(ids)
         return _Segments(ids[..., None], ids[:, None, :], first[..., None], last[..., None])
-
-
-def _segment_spans(ids):
-    """For each position of one row, the first and last position whose id equals its id ([Tp] each; ids need
-    not be sorted nor contiguous). Sort by id, mark where the id changes, take each group's min and max."""
-    n = ids.shape[0]
-    order = jnp.argsort(ids, stable=True)
-    sorted_ids = ids[order]
-    group = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                                        (sorted_ids[1:] != sorted_ids[:-1]).astype(jnp.int32)]))
-    first = jax.ops.segment_min(order, group, num_segments=n)
-    last = jax.ops.segment_max(order, group, num_segments=n)
-    group_of = jnp.zeros((n,), jnp.int32).at[order].set(group)
-    return first[group_of].astype(jnp.int32), last[group_of].astype(jnp.int32)
 
 
 def _column(block: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:

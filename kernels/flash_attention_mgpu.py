@@ -13,6 +13,8 @@ Shape glossary
   nq   Tp // BLOCK
   lse  base-2 logsumexp of each row's scaled scores, [B, H, Tp] float32 (seq minor: one TMA per block)
   delta  rowsum(dO * O), [B, H, Tp] float32 (backward only, one XLA fusion)
+  spans  [B, 2, nq] int32 (segment ids only): the first and last tile holding a position of one of
+       tile i's documents, the tiles tile i walks (XLA, from `reference.segment_spans`)
 
 Layout: q/k/v/o and their gradients stay `[B, T, H, D]`; a TMA copy reads one `[BLOCK, Dp]` tile of
 one head straight from it (rows strided by H*Dp), so XLA transposes nothing and pads only when T or D
@@ -24,8 +26,9 @@ shared memory (or registers for the left operand) into a float32 accumulator; ti
 program walks are double-buffered: the TMA copy of block j+1 is in flight while block j is computed.
   forward, grid (nq, H, B): a query tile walks the key tiles left to right with an online softmax in
     base 2 (scores times sm_scale * log2(e), `exp2`), keeps O's float32 accumulator in registers, and
-    writes O and lse. Key tiles wholly above the diagonal are never loaded; only the diagonal tile,
-    a tile holding padding keys, and (with segment ids) every tile build a mask.
+    writes O and lse. Key tiles wholly above the diagonal are never loaded, nor (segment ids) those
+    outside the span of the query tile's documents; only the diagonal tile, a tile holding padding
+    keys, and (with segment ids) every visited tile build a mask.
   backward:
     1. delta = rowsum(dO * O) in XLA.
     2. dK/dV, grid (nk, KVH, B): a key tile walks, for each of its G query heads, the query tiles at
@@ -42,10 +45,10 @@ its keys (segment ids) gets m = MASK_VALUE and p = 1 there, which its first real
 
 Scope: bfloat16 and float16 (wgmma's 16-bit inputs; float32 stays on the Triton family); head_dim up
 to 128 (at 256 the dK/dV kernel's two accumulators alone would take 256 registers a thread); causal or
-not; grouped-query heads; segment ids (masked, not skipped); attention dropout with the reference's
-bits (XLA hashes each query row once, [B, H, Tp]; the kernels finish the hash with the key positions);
-any length. Tiles are one warpgroup of 64 x 64, not yet measured on a GPU (docs/kernels.md); no GPU has
-run this family yet, which is why it is opt-in.
+not; grouped-query heads; segment ids (tiles outside a tile's documents skipped, the rest masked);
+attention dropout with the reference's bits (XLA hashes each query row once, [B, H, Tp]; the kernels
+finish the hash with the key positions); any length. Tiles are one warpgroup of 64 x 64, not yet
+measured on a GPU (docs/kernels.md); no GPU has run this family yet, which is why it is opt-in.
 
 Platforms: the compiled kernels lower for CUDA only (sm_90a: wgmma and TMA are Hopper's); on any
 other platform the kernels run in the Mosaic GPU interpreter (`mosaic_gpu_interpret`), which is
@@ -67,7 +70,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from haiku_gpt.kernels import mosaic_gpu_interpret
 from haiku_gpt.kernels.dropout import keep_mask, row_hash
-from haiku_gpt.kernels.reference import MASK_VALUE
+from haiku_gpt.kernels.reference import MASK_VALUE, segment_spans
 
 BLOCK = 64  # one warpgroup's wgmma tile rows (M = 64); queries and keys alike
 HEAD_DIM_MULTIPLE = 64  # a 128-byte swizzled row of a 16-bit dtype
@@ -226,7 +229,7 @@ def _transposed(smem):
 def _walk(parts, end, carry, *, fetch: Callable):
     """carry = step(j, slot, carry) for the tiles of consecutive parts [(lo, hi, step)], slot = j % 2,
     with tile j + 1's TMA copies (`fetch(j + 1, slot)`, while j + 1 < end) issued before tile j is
-    computed, so that each copy overlaps the previous tile's compute; `_first_fetch` issues tile 0's.
+    computed, so that each copy overlaps the previous tile's compute; `_first_fetch` issues the first's.
     A slot is refilled only after the step that read it has finished (its wgmmas waited). Parts let the
     tiles that need no mask skip building one."""
     for lo, hi, step in parts:
@@ -239,10 +242,11 @@ def _walk(parts, end, carry, *, fetch: Callable):
     return carry
 
 
-def _first_fetch(end, fetch: Callable) -> None:
-    @pl.when(0 < end)
+def _first_fetch(start, end, fetch: Callable) -> None:
+    """Issue the walk's first tile's copies (tile `start`, slot start % 2)."""
+    @pl.when(start < end)
     def _():
-        fetch(0, 0)
+        fetch(start, lax.rem(start, 2))
 
 
 def _store_tile(smem, value, ref) -> None:
@@ -257,11 +261,12 @@ def _store_tile(smem, value, ref) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, o_ref, lse_ref,
+def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, span_ref, hash_ref, o_ref, lse_ref,
                     q_smem, k_smem, v_smem, qseg_smem, kseg_smem, hash_smem, lse_smem,
                     q_bars, k_bars, v_bars, seg_bars, hash_bars, *, st: _Static, seq_padded: int):
-    # q_ref [B, Tp, H, Dp]; k_ref, v_ref [B, Tp, KVH, Dp]; seg_ref [B, Tp] int32 (read if segmented);
-    # hash_ref [B, H, Tp] uint32, the queries' dropout row hashes (read if dropping). o_ref like q_ref;
+    # q_ref [B, Tp, H, Dp]; k_ref, v_ref [B, Tp, KVH, Dp]; seg_ref [B, Tp] int32 and span_ref [B, 2, nq]
+    # int32 (read if segmented: the ids, and the tiles each tile walks); hash_ref [B, H, Tp] uint32, the
+    # queries' dropout row hashes (read if dropping). o_ref like q_ref;
     # lse_ref [B, H, Tp]. SMEM: q [BLOCK, Dp] (reused for O), k/v [2, BLOCK, Dp], ids [BLOCK] /
     # [2, BLOCK], hashes and lse [BLOCK]. Barriers, one per copy: (q, q's ids), k, v, k's ids per
     # slot, (the hashes, -).
@@ -297,11 +302,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, o_ref, lse_ref,
         acc = _matmul_acc(acc, p.astype(q_smem.dtype), v_smem.at[slot], st)
         return acc, m_new, l
 
-    first_masked, end = _key_tiles(qi, st, seq_padded)
+    start, first_masked, end = _key_tiles(qi, st, seq_padded, span_ref, b)
     carry = (_full((BLOCK, dp), 0.0, plgpu.Layout.WGMMA, st), _full((BLOCK,), -jnp.inf, _ROWS, st),
              _full((BLOCK,), 0.0, _ROWS, st))
-    _first_fetch(end, fetch)
-    acc, m, l = _walk([(0, first_masked, functools.partial(step, masked=False)),
+    _first_fetch(start, end, fetch)
+    acc, m, l = _walk([(start, first_masked, functools.partial(step, masked=False)),
                        (first_masked, end, functools.partial(step, masked=True))], end, carry, fetch=fetch)
 
     # Q's tile is free now: O leaves through it.
@@ -310,15 +315,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, o_ref, lse_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _key_tiles(qi, st: _Static, seq_padded: int, key_padding: bool = True):
-    """(first tile that needs a mask, end of the tiles) that query tile `qi` visits."""
+def _key_tiles(qi, st: _Static, seq_padded: int, span_ref, b, key_padding: bool = True):
+    """(first tile, first tile that needs a mask, end of the tiles) that query tile `qi` visits."""
     nk = seq_padded // BLOCK
     end = qi + 1 if st.causal else nk
-    if st.segmented:
-        return 0, end
+    if st.segmented:  # every tile masked; only the tiles holding this tile's segments visited
+        start, end = _segment_tiles(span_ref, b, qi, 0, end)
+        return start, start, end
     if st.causal:
-        return qi, end  # the diagonal tile (which also holds every padding key a real row could see)
-    return (nk - 1 if key_padding and seq_padded != st.seq_len else nk), end
+        return 0, qi, end  # the diagonal tile (which also holds every padding key a real row could see)
+    return 0, (nk - 1 if key_padding and seq_padded != st.seq_len else nk), end
+
+
+def _segment_tiles(span_ref, b, i, start, end):
+    """Narrow the tiles [start, end) that tile i walks to those holding its positions' segments: a tile
+    outside them is all MASK_VALUE, so it is never loaded (queries and keys share the ids, so one
+    span serves the forward and dQ, keys over queries, and dK/dV, queries over keys)."""
+    return jnp.maximum(start, span_ref[b, 0, i]), jnp.minimum(end, span_ref[b, 1, i] + 1)
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +339,7 @@ def _key_tiles(qi, st: _Static, seq_padded: int, key_padding: bool = True):
 # ---------------------------------------------------------------------------
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, span_ref, hash_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                  k_smem, v_smem, q_smem, do_smem, kseg_smem, qseg_smem, hash_smem, lse_smem, delta_smem,
                  kv_bars, kseg_bars, q_bars, qseg_bars, hash_bars, do_bars, lse_bars, delta_bars, *,
                  st: _Static, seq_padded: int):
@@ -340,8 +353,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_
     plgpu.copy_gmem_to_smem(k_ref.at[b, rows, g], k_smem, kv_bars.at[0])
     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, g], v_smem, kv_bars.at[1])
     nq = seq_padded // BLOCK
-    first = kj if st.causal else 0  # the first query tile that sees this key tile
-    n = nq - first  # query tiles per head; the walk covers the group's G heads, n tiles each
+    first, end = (kj if st.causal else 0), nq  # the query tiles that see this key tile
+    if st.segmented:
+        first, end = _segment_tiles(span_ref, b, kj, first, end)
+    n = end - first  # query tiles per head; the walk covers the group's G heads, n tiles each
 
     def fetch(t, slot):
         h = g * st.group + lax.div(t, n)
@@ -355,7 +370,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_
         if st.dropout_rate:
             plgpu.copy_gmem_to_smem(hash_ref.at[b, h, cols], hash_smem.at[slot], hash_bars.at[slot])
 
-    _first_fetch(st.group * n, fetch)
+    _first_fetch(0, st.group * n, fetch)
     if st.segmented:
         plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], kseg_smem, kseg_bars.at[0])
     plgpu.barrier_wait(kv_bars.at[0])
@@ -396,19 +411,19 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_
     dp = k_smem.shape[-1]
     zeros = lambda: _full((BLOCK, dp), 0.0, plgpu.Layout.WGMMA, st)  # noqa: E731
     unmasked, masked = functools.partial(step, masked=False), functools.partial(step, masked=True)
-    end = st.group * n
+    walked = st.group * n
     if st.segmented or not st.causal:  # every tile masked (segments) or none (padding needs no mask here)
         parts = lambda t0: [(t0, t0 + n, masked if st.segmented else unmasked)]  # noqa: E731
     else:  # causal: each head's first query tile is the diagonal one
         parts = lambda t0: [(t0, t0 + 1, masked), (t0 + 1, t0 + n, unmasked)]  # noqa: E731
-    dk, dv = lax.fori_loop(0, st.group, lambda i, c: _walk(parts(i * n), end, c, fetch=fetch), (zeros(), zeros()))
+    dk, dv = lax.fori_loop(0, st.group, lambda i, c: _walk(parts(i * n), walked, c, fetch=fetch), (zeros(), zeros()))
 
     _store_tile(k_smem, dk * st.sm_scale, dk_ref.at[b, rows, g])
     _store_tile(v_smem, dv, dv_ref.at[b, rows, g])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_ref, dq_ref,
+def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, span_ref, hash_ref, do_ref, lse_ref, delta_ref, dq_ref,
                q_smem, do_smem, k_smem, v_smem, qseg_smem, kseg_smem, hash_smem, lse_smem, delta_smem,
                q_bars, stat_bars, qseg_bars, k_bars, v_bars, seg_bars, *, st: _Static, seq_padded: int):
     # As the forward's, plus do_ref, delta_ref; dq_ref like q_ref. SMEM: q, do [BLOCK, Dp] (q reused for
@@ -430,8 +445,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_re
     key_tile = _KeyTile(k_smem, v_smem, kseg_smem, k_bars, v_bars, seg_bars)
     fetch = functools.partial(key_tile.fetch, k_ref, v_ref, seg_ref, b, kvh, st)
 
-    first_masked, end = _key_tiles(qi, st, seq_padded, key_padding=False)
-    _first_fetch(end, fetch)
+    start, first_masked, end = _key_tiles(qi, st, seq_padded, span_ref, b, key_padding=False)
+    _first_fetch(start, end, fetch)
     for bars in (q_bars, stat_bars):
         plgpu.barrier_wait(bars.at[0])
         plgpu.barrier_wait(bars.at[1])
@@ -450,7 +465,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, hash_ref, do_ref, lse_ref, delta_re
         ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
         return _matmul_acc(dq, ds.astype(q_smem.dtype), k_smem.at[slot], st)
 
-    dq = _walk([(0, first_masked, functools.partial(step, masked=False)),
+    dq = _walk([(start, first_masked, functools.partial(step, masked=False)),
                 (first_masked, end, functools.partial(step, masked=True))], end,
                _full((BLOCK, q_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA, st), fetch=fetch)
     _store_tile(q_smem, dq * st.sm_scale, dq_ref.at[b, rows, h])
@@ -498,22 +513,27 @@ def _padded_sizes(seq_len: int, head_dim: int) -> tuple[int, int]:
 
 
 def _mask_inputs(st: _Static, segment_ids, seed, batch: int, heads: int, seq_padded: int):
-    """(segment ids [B, Tp] int32, padding keys taking the row's last id, which the key mask removes;
-    dropout row hashes [B, H, Tp] uint32 of seed = [seed, batch offset]): the kernels' mask inputs, each a
-    [1, 1] dummy that no kernel reads when unused."""
+    """The kernels' mask inputs (segment ids [B, Tp] int32, padding keys taking the row's last id, which the
+    key mask removes; each tile's segment span [B, 2, nq] int32: the first and last tile holding a position
+    of one of its segments; dropout row hashes [B, H, Tp] uint32 of seed = [seed, batch offset]), each a
+    dummy that no kernel reads when unused."""
     seg = hashes = jnp.zeros((1, 1), jnp.int32)
+    spans = jnp.zeros((1, 2, 1), jnp.int32)
     if st.segmented:
         seg = segment_ids.astype(jnp.int32)
         if seg.shape[1] != seq_padded:
             seg = jnp.pad(seg, ((0, 0), (0, seq_padded - seg.shape[1])), mode="edge")
+        tiles = lambda x: x.reshape(batch, seq_padded // BLOCK, BLOCK)  # noqa: E731
+        first, last = segment_spans(seg)
+        spans = jnp.stack([tiles(first).min(axis=2), tiles(last).max(axis=2)], axis=1) // BLOCK
     if st.dropout_rate:
         b = jnp.arange(batch, dtype=jnp.uint32)[:, None, None] + seed[1]
         h = jnp.arange(heads, dtype=jnp.uint32)[None, :, None]
         hashes = row_hash(seed[0], b, h, jnp.arange(seq_padded, dtype=jnp.uint32)[None, None, :])
-    return seg, hashes
+    return seg, spans, hashes
 
 
-def _forward(st: _Static, q, k, v, seg, hashes):
+def _forward(st: _Static, q, k, v, masks):
     batch, seq_len, heads, head_dim = q.shape
     tp, dp = _padded_sizes(seq_len, head_dim)
     qp, kp, vp = (_pad(x, tp, dp) for x in (q, k, v))
@@ -524,11 +544,11 @@ def _forward(st: _Static, q, k, v, seg, hashes):
                  _vectors(jnp.int32), _vectors(jnp.int32, 2), _vectors(jnp.uint32), _vectors(jnp.float32),
                  *_barriers(5)],
         grid=(tp // BLOCK, heads, batch), grid_names=("q", "heads", "batch"), interpret=st.interpret,
-    )(qp, kp, vp, seg, hashes)
+    )(qp, kp, vp, *masks)
     return o[:, :seq_len, :, :head_dim], lse
 
 
-def _backward(st: _Static, q, k, v, seg, hashes, o, lse, do):
+def _backward(st: _Static, q, k, v, masks, o, lse, do):
     """(dQ [B, T, H, D], dK, dV [B, T, KVH, D]) from the forward's o and lse ([B, H, Tp])."""
     batch, seq_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -536,7 +556,7 @@ def _backward(st: _Static, q, k, v, seg, hashes, o, lse, do):
     qp, kp, vp, dop = (_pad(x, tp, dp) for x in (q, k, v, do))
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tp - seq_len)))
-    inputs = (qp, kp, vp, seg, hashes, dop, lse, delta)
+    inputs = (qp, kp, vp, *masks, dop, lse, delta)
     dk, dv = _kernel(
         functools.partial(_dkdv_kernel, st=st, seq_padded=tp), name="flash_attention_mgpu_dkdv",
         out_type=(jax.ShapeDtypeStruct(kp.shape, k.dtype),) * 2,
@@ -574,23 +594,23 @@ def attention(q, k, v, seed, segment_ids=None, *, causal: bool = True, sm_scale:
     batch, seq_len, heads, _ = q.shape
     st = _Static(causal=bool(causal), sm_scale=float(sm_scale), seq_len=seq_len, group=heads // k.shape[2],
                  segmented=segment_ids is not None, dropout_rate=float(dropout_rate), interpret=bool(interpret))
-    seg, hashes = _mask_inputs(st, segment_ids, seed, batch, heads, _padded_sizes(seq_len, q.shape[3])[0])
-    return _flash(q, k, v, seg, hashes, st)
+    masks = _mask_inputs(st, segment_ids, seed, batch, heads, _padded_sizes(seq_len, q.shape[3])[0])
+    return _flash(q, k, v, masks, st)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, seg, hashes, st: _Static):
-    return _forward(st, q, k, v, seg, hashes)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, masks, st: _Static):
+    return _forward(st, q, k, v, masks)[0]
 
 
-def _flash_fwd(q, k, v, seg, hashes, st: _Static):
-    o, lse = _forward(st, q, k, v, seg, hashes)
-    return o, (q, k, v, seg, hashes, o, lse)  # O(B T H D), never O(T^2)
+def _flash_fwd(q, k, v, masks, st: _Static):
+    o, lse = _forward(st, q, k, v, masks)
+    return o, (q, k, v, masks, o, lse)  # O(B T H D), never O(T^2)
 
 
 def _flash_bwd(st: _Static, residuals, do):
     dq, dk, dv = _backward(st, *residuals, do)
-    return dq, dk, dv, None, None  # the integer mask inputs have no cotangent
+    return dq, dk, dv, None  # the integer mask inputs have no cotangent
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

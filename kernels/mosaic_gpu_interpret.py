@@ -11,16 +11,26 @@ two operand forms that the attention kernels need and the interpreter, as releas
   2. a left operand in registers (the P of O += P V): it treats the array as an allocation key,
      "Expected shape (5,) but got (64, 64)".
 
-`params()` replaces the interpreter's wgmma rule (in this process, no file is changed) by one that
+The first fix: `params()` replaces the wgmma rule (in this process, no file is changed) by one that
 applies trailing transposes with NumPy after reading the buffer and uses a register operand as it
-is; everything else is JAX's. The interpreter runs wgmma synchronously and TMA waits as no-ops, so it
+is.
+
+The second fix is for several devices (a data-parallel mesh of CPU devices). At a kernel's end each
+device checks that no barrier is left allocated, but the check reads every device's barriers, so a
+device that finishes first (one whose documents let it skip more tiles) finds another's barriers,
+still in use, fails, and leaves the others waiting for it forever at the clean-up that follows. The
+check now runs once every device has finished (at the interpreter's barrier of all devices), and a
+real failure there releases the other devices with an error instead of a hang.
+
+Everything else is JAX's. The interpreter runs wgmma synchronously and TMA waits as no-ops, so it
 checks what the kernels compute, not the ordering of their asynchronous copies: that takes a GPU.
-Where JAX's internals differ from 0.10.2's (another version), the fix is not applied and the
+Where JAX's internals differ from 0.10.2's (another version), neither fix is applied and the
 interpreter runs as released.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,7 +40,7 @@ _patched: bool | None = None  # None: not tried yet; False: these internals are 
 
 
 def params():
-    """The interpreter's parameters for `plgpu.kernel(interpret=...)`, the wgmma fix applied once."""
+    """The interpreter's parameters for `plgpu.kernel(interpret=...)`, the fixes applied once."""
     from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params  # noqa: PLC0415
 
     _apply()
@@ -48,11 +58,31 @@ def _apply() -> None:
         interpreter = jaxpr_interpret.JaxprInterpreter
         _patched = all(hasattr(x, name) for x, name in (
             (interpreter, "_interpret_wgmma_ref_p"), (gpu_callbacks, "wgmma"), (gpu_callbacks, "HostAllocationKey"),
-            (gpu_callbacks, "_remove_noop_transforms"), (gpu_callbacks, "_get_shared_memory")))
+            (gpu_callbacks, "_remove_noop_transforms"), (gpu_callbacks, "_get_shared_memory"),
+            (gpu_callbacks, "_assert_no_barriers_allocated"), (gpu_callbacks, "_clean_up_shared_memory")))
+        fields = {f.name for f in dataclasses.fields(gpu_callbacks.memory.GPUSharedMemory)}
+        _patched = _patched and {"barrier", "clean_up_barrier"} <= fields
     except ImportError:
         _patched = False
     if _patched:
         interpreter._interpret_wgmma_ref_p = _interpret_wgmma_ref_p
+        gpu_callbacks._assert_no_barriers_allocated = _assert_no_barriers_allocated_once_all_finished
+
+
+def _assert_no_barriers_allocated_once_all_finished(token):
+    """JAX's end-of-kernel check, run once every device's kernel has finished (the interpreter's device
+    barrier, a `threading.Barrier` of all devices). The clean-up right after waits at its own barrier of all
+    devices, so no device starts its next kernel before every check is done."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # noqa: PLC0415
+
+    memory = gpu_callbacks._get_shared_memory()
+    memory.barrier.wait()
+    try:
+        memory.assert_no_barriers_allocated()
+    except AssertionError:
+        memory.clean_up_barrier.abort()  # the other devices raise BrokenBarrierError, not hang
+        raise
+    return token
 
 
 def _split_transposes(transforms):

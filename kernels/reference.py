@@ -78,6 +78,25 @@ def segment_mask(segment_ids: Int[Array, "B T"], q_start: int, q_end: int, k_end
     return segment_ids[:, q_start:q_end, None] == segment_ids[:, None, :k_end]
 
 
+def segment_spans(segment_ids: Int[Array, "B T"]) -> tuple[Int[Array, "B T"], Int[Array, "B T"]]:
+    """For each position, the first and last position holding its segment id (ids need not be sorted nor
+    contiguous): the flash kernels' bound on the blocks a block of queries or keys can see. Per row: sort by
+    id, mark where the id changes, take each group's min and max position."""
+
+    def row(ids):
+        n = ids.shape[0]
+        order = jnp.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        group = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                            (sorted_ids[1:] != sorted_ids[:-1]).astype(jnp.int32)]))
+        first = jax.ops.segment_min(order, group, num_segments=n)
+        last = jax.ops.segment_max(order, group, num_segments=n)
+        group_of = jnp.zeros((n,), jnp.int32).at[order].set(group)
+        return first[group_of].astype(jnp.int32), last[group_of].astype(jnp.int32)
+
+    return jax.vmap(row)(segment_ids)
+
+
 def _heads_major(*xs):
     """[B, T, H, D] <-> [B, H, T, D]. The einsums take heads-major operands: every (batch, head)
     matmul then reads contiguous [T, D] slabs (on [B, T, H, D] they ran ~1.3x slower on CPU)."""

@@ -8,12 +8,15 @@ bits spelled out) on the 16-bit inputs as given. The deviceless H100 compiles ch
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import needs_cuda, quiet
+from conftest import REPO, needs_cuda, quiet
 from test_attention_masks import attention_float64, gqa_inputs, rel_err, segments
 
 from haiku_gpt import kernels
@@ -52,9 +55,10 @@ def test_gqa_matches_float64(group, causal, seq, head_dim, dtype):
 
 
 def test_segments_match_float64():
-    """Random document lengths (a one-token document in row 0; row 1 one document) over 2 tiles of 64."""
-    q, k, v, w = gqa_inputs(6, 2, 100, 2, 1, 64, dtype=jnp.float16)
-    ids = jnp.asarray(segments(6, 2, 100))
+    """Random document lengths (a one-token document in row 0; row 1 one document) over 4 tiles of 64:
+    row 0's tiles walk only the tiles of their documents."""
+    q, k, v, w = gqa_inputs(6, 2, 200, 2, 1, 64, dtype=jnp.float16)
+    ids = jnp.asarray(segments(6, 2, 200))
     assert_matches_float64(jnp.float16, q, k, v, w, segment_ids=ids)
 
 
@@ -64,6 +68,55 @@ def test_segments_gqa_and_dropout_together_match_float64():
     ids = jnp.asarray(segments(8, 2, 90))
     assert_matches_float64(jnp.bfloat16, q, k, v, w, causal=False, segment_ids=ids, dropout_rate=0.2,
                            dropout_seed=jnp.uint32(9))
+
+
+@pytest.mark.parametrize("family,blocks", [("auto", {"block_q": 64, "block_k": 64}), ("mosaic_gpu", {})])
+def test_tiles_outside_a_tiles_documents_are_never_read(family, blocks):
+    """Three documents of one 64-row tile each, non-causal, both families: NaN in the middle document's K/V
+    (forward, dQ) or Q and dO (dK/dV) reaches the other two only if their tiles visit its tile. Masking
+    alone would not keep it out: a masked probability is 0, and 0 * NaN = NaN."""
+    q, k, v, w = gqa_inputs(12, 1, 192, 4, 2, 64, dtype=jnp.float16)
+    ids = jnp.asarray(np.repeat([[0, 1, 2]], 64, axis=1).astype(np.int32))
+    middle, others = slice(64, 128), np.r_[0:64, 128:192]
+    poison = lambda x: x.at[:, middle].set(jnp.nan)  # noqa: E731
+    attend = functools.partial(flash_attention, causal=False, segment_ids=ids, family=family, **blocks)
+    out = jax.jit(attend)(q, poison(k), poison(v))
+    dq = jax.jit(jax.grad(lambda q: jnp.sum(attend(q, poison(k), poison(v)).astype(jnp.float32))))(q)
+    loss = lambda k, v: jnp.sum(attend(poison(q), k, v).astype(jnp.float32) * poison(w))  # noqa: E731
+    dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1)))(k, v)
+    assert np.all(np.isnan(np.asarray(out[:, middle], np.float32)))  # the poison is real
+    for x in (out, dq, dk, dv):
+        assert np.all(np.isfinite(np.asarray(x[:, others], np.float32)))
+
+
+# Two CPU devices, the batch split over them: row 0 one document (every tile walked), row 1 three (each tile
+# walks only its own), so one device finishes its kernels well before the other.
+TWO_DEVICES = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from haiku_gpt.kernels.flash_attention import flash_attention
+q, k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((2, 192, 2, 64)), jnp.float16) for i in range(3))
+ids = jnp.asarray(np.stack([np.zeros(192), np.repeat([0, 1, 2], 64)]).astype(np.int32))
+run = jax.jit(lambda q, k, v, ids: flash_attention(q, k, v, segment_ids=ids, causal=False, family="mosaic_gpu"))
+one = run(q, k, v, ids)
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+with jax.set_mesh(mesh):
+    two = run(*(jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v, ids)))
+print("MAX DIFF", float(jnp.abs(one.astype(jnp.float32) - two.astype(jnp.float32)).max()))
+"""
+
+
+def test_data_parallel_devices_with_unequal_work_match_one_device():
+    """The interpreter on a 2-device mesh whose devices skip different numbers of tiles: the same output as
+    one device. (As released, JAX's interpreter checked every device's barriers when the first
+    device finished and hung the other: `mosaic_gpu_interpret`'s second fix.)"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    try:
+        run = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the 2-device run hung:\n{(e.stderr or b'')[-2000:]}")
+    assert run.returncode == 0 and "MAX DIFF 0.0" in run.stdout, run.stdout + run.stderr[-3000:]
 
 
 def test_dropout_keeps_exactly_the_reference_bits():
@@ -141,15 +194,15 @@ def test_the_kernel_refuses_what_it_cannot_run():
 
 
 @needs_cuda
-@pytest.mark.parametrize("head_dim,dtype", [(64, jnp.float16), (128, jnp.bfloat16)])
-def test_h100_compiles_forward_and_backward_without_spills(head_dim, dtype):
-    """The step's three kernels with every mask at once (causal, padding at T=1000, segment ids, GQA,
-    dropout): the most registers they take. One warpgroup each; 255 registers and no spill."""
+@pytest.mark.parametrize("head_dim,dtype,seq", [(64, jnp.float16, 1000), (128, jnp.bfloat16, 4097)])
+def test_h100_compiles_forward_and_backward_without_spills(head_dim, dtype, seq):
+    """The step's three kernels with every mask at once (causal, padding, segment ids, GQA, dropout): the
+    most registers they take. One warpgroup each; 255 registers and no spill."""
     from haiku_gpt.aot import targets  # noqa: PLC0415
 
-    q = jax.ShapeDtypeStruct((2, 1000, 8, head_dim), dtype)
-    kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
-    ids = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+    q = jax.ShapeDtypeStruct((2, seq, 8, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((2, seq, 2, head_dim), dtype)
+    ids = jax.ShapeDtypeStruct((2, seq), jnp.int32)
 
     def grads(q, k, v, ids):
         fn = functools.partial(flash_attention, segment_ids=ids, dropout_rate=0.1, dropout_seed=3, family="mosaic_gpu")
