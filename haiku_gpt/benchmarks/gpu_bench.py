@@ -1,6 +1,8 @@
 """`python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR]`: one command that measures a GPU.
 
-Prints four tables and writes them (markdown and JSON) to --json_out's folder:
+First checks the pallas kernel's families against the reference on this GPU (`correctness_table`: fresh
+random inputs, odd lengths, dropout, GQA, documents; the forward and the three gradients), then prints four
+tables, and writes all five (markdown and JSON) to --json_out's folder:
   1. attention: pallas (its Triton and its opt-in Hopper family, "pallas mosaic_gpu"), cudnn and xla,
      forward and forward+backward, bf16, causal, in TFLOP/s counted as causal FLOPs (forward 2 B H T^2 D,
      forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES` (with a grouped-query row and a
@@ -16,6 +18,7 @@ Each part is timed in one run on one GPU, so the ratios compare like with like.
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
@@ -40,6 +43,10 @@ KERNEL_SHAPES = ((16, 1024, 32, 64, 32, 1), (8, 2048, 16, 128, 16, 1), (4, 8192,
                  (1, 32768, 8, 128, 8, 1), (4, 8192, 32, 128, 8, 1), (4, 8192, 16, 128, 16, 8))
 XLA_MAX_SEQ = 8192  # XLA's attention holds [B, H, T, T] scores: past this it only measures its memory traffic
 CHAR_ITERS = 500
+# (batch, seq, heads, kv_heads, head_dim, causal, dropout, documents): odd lengths and head dims, every mask
+CHECK_CASES = ((2, 1000, 8, 8, 64, True, 0.0, 1), (1, 4097, 4, 2, 128, True, 0.1, 1), (2, 333, 8, 2, 96, False, 0.1, 3),
+               (3, 65, 4, 1, 48, True, 0.0, 2), (2, 1, 2, 2, 64, True, 0.0, 1), (1, 2048, 16, 4, 128, True, 0.1, 5))
+CHECK_TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # max |error| / max |reference|, as tests/ require
 GPT2_OVERRIDES = dict(batch_size=16, block_size=1024, gradient_accumulation_steps=1, dtype="bfloat16",
                       dropout=0.0, vocab_size=50304)
 
@@ -63,6 +70,52 @@ def _passes(attend):
     forward = jax.jit(lambda q, k, v: attend(q, k, v))
     backward = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
     return forward, backward
+
+
+def _relative_error(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def correctness_table(cases=CHECK_CASES, families=("auto", "mosaic_gpu"), dtype=jnp.bfloat16,
+                      seed: int | None = None) -> list[dict]:
+    """Each family of `flash_attention` (impl='pallas') against `reference_attention` in float32 at HIGHEST
+    precision on the same 16-bit inputs: the relative error of the output and of dQ, dK, dV (a random dO), at
+    each case, with the reference's dropout bits and the documents' segment ids. Fresh inputs: `seed` (a
+    new one each run unless given, printed with the rows) draws them. A family that refuses or fails a case
+    is a row with its error. The kernel families must pass this on a GPU before one becomes the default."""
+    from haiku_gpt.kernels import attention, reference_attention  # noqa: PLC0415
+
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    rows = []
+    for i, (batch, seq, heads, kv_heads, head_dim, causal, rate, documents) in enumerate(cases):
+        keys = jax.random.split(jax.random.PRNGKey(seed + i), 4)
+        q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
+        k, v = (jax.random.normal(key, (batch, seq, kv_heads, head_dim), dtype) for key in keys[1:3])
+        do = jax.random.normal(keys[3], q.shape, jnp.float32)
+        masks = dict(causal=causal, dropout_rate=rate, dropout_seed=seed % 1000 if rate else None,
+                     segment_ids=jnp.broadcast_to(jnp.arange(seq) * documents // seq, (batch, seq)) if documents > 1
+                     else None)
+        with jax.default_matmul_precision("highest"):
+            ref = jax.vjp(lambda q, k, v: reference_attention(q, k, v, **masks), *(x.astype(jnp.float32)
+                                                                                     for x in (q, k, v)))
+            expected = (ref[0], *ref[1](do))
+        case = (f"B{batch} T{seq} H{heads} KV{kv_heads} D{head_dim} {'causal' if causal else 'non-causal'}"
+                + (f" dropout {rate}" if rate else "") + (f" {documents} docs" if documents > 1 else ""))
+        for family in families:
+            row = {"case": case, "family": family, "seed": seed}
+            attend = jax.jit(functools.partial(attention, impl="pallas", kernel_family=family, **masks))
+            try:
+                out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v).astype(jnp.float32), q, k, v)
+                got = (out, *pullback(do))
+                errors = {name: _relative_error(x, r) for name, x, r in zip(("out", "dq", "dk", "dv"), got, expected)}
+            except Exception as e:  # noqa: BLE001 (a family failing a case is a result, not the end of the run)
+                rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                print(_row_text(rows[-1]), flush=True)
+                continue
+            rows.append({**row, **errors, "ok": max(errors.values()) <= CHECK_TOLERANCE[dtype]})
+            print(_row_text(rows[-1]), flush=True)
+    return rows
 
 
 def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "pallas mosaic_gpu", "cudnn", "xla"),
@@ -389,8 +442,16 @@ def _char_config(data_dir: str):
 
 def markdown(results: dict) -> str:
     """The tables, as docs/performance.md has them."""
-    lines = [f"GPU: {results['device']}; JAX {results['jax']}", "",
-             "| B, T, H, KV, D | impl | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---|---|---|---|"]
+    lines = [f"GPU: {results['device']}; JAX {results['jax']}", ""]
+    if "check" in results:
+        lines += ["| check against the float32 reference (bf16 inputs) | family | out | dQ | dK | dV | ok |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["check"]:
+            cells = ([r["error"][:100], "", "", "", "NO"] if "error" in r else
+                     [f"{r[x]:.1e}" for x in ("out", "dq", "dk", "dv")] + ["yes" if r["ok"] else "NO"])
+            lines.append(f"| {r['case']} | {r['family']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["| B, T, H, KV, D | impl | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---|---|---|---|"]
     for r in results.get("kernels", []):
         note = r.get("skipped") or r.get("error")
         lines.append(f"| {r['shape']} | {r['impl']} | " + (f"{note} | |" if note else
@@ -416,7 +477,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=("kernels", "gpt2", "char", "breakdown")) -> dict:
+def run(nanogpt_dir: str | None, data_dir: str, out_dir: str,
+        parts=("check", "kernels", "gpt2", "char", "breakdown")) -> dict:
     """Everything above, in one run, printed as it goes and written to out_dir (gpu.json, gpu.md)."""
     os.makedirs(out_dir, exist_ok=True)
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__}
@@ -427,6 +489,9 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=("kernels", 
         with open(os.path.join(out_dir, "gpu.md"), "w") as f:
             f.write(markdown(results) + "\n")
 
+    if "check" in parts:
+        results["check"] = correctness_table()
+        save()
     if "kernels" in parts:
         results["kernels"] = kernel_table()
         save()
