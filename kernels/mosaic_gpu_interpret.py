@@ -62,7 +62,7 @@ def _apply() -> None:
             (gpu_callbacks, "_assert_no_barriers_allocated"), (gpu_callbacks, "_clean_up_shared_memory")))
         fields = {f.name for f in dataclasses.fields(gpu_callbacks.memory.GPUSharedMemory)}
         _patched = _patched and {"barrier", "clean_up_barrier"} <= fields
-    except ImportError:
+    except (ImportError, AttributeError, TypeError):  # another JAX: its interpreter as released
         _patched = False
     if _patched:
         interpreter._interpret_wgmma_ref_p = _interpret_wgmma_ref_p

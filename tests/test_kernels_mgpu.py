@@ -73,19 +73,19 @@ def test_segments_gqa_and_dropout_together_match_float64():
 @pytest.mark.parametrize("family,blocks", [("auto", {"block_q": 64, "block_k": 64}), ("mosaic_gpu", {})])
 def test_tiles_outside_a_tiles_documents_are_never_read(family, blocks):
     """Three documents of one 64-row tile each, non-causal, both families: NaN in the middle document's K/V
-    (forward, and dQ, which walks the forward's tiles) or Q and dO (dK/dV) reaches the other two only if
-    their tiles visit its tile. Masking alone would not keep it out: a masked probability is 0, and
-    0 * NaN = NaN."""
+    (forward, dQ) or Q and dO (dK/dV) reaches the other two only if their tiles visit its tile. Masking
+    alone would not keep it out: a masked probability is 0, and 0 * NaN = NaN."""
     q, k, v, w = gqa_inputs(12, 1, 192, 4, 2, 64, dtype=jnp.float16)
     ids = jnp.asarray(np.repeat([[0, 1, 2]], 64, axis=1).astype(np.int32))
     middle, others = slice(64, 128), np.r_[0:64, 128:192]
     poison = lambda x: x.at[:, middle].set(jnp.nan)  # noqa: E731
     attend = functools.partial(flash_attention, causal=False, segment_ids=ids, family=family, **blocks)
     out = jax.jit(attend)(q, poison(k), poison(v))
+    dq = jax.jit(jax.grad(lambda q: jnp.sum(attend(q, poison(k), poison(v)).astype(jnp.float32))))(q)
     loss = lambda k, v: jnp.sum(attend(poison(q), k, v).astype(jnp.float32) * poison(w))  # noqa: E731
     dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1)))(k, v)
     assert np.all(np.isnan(np.asarray(out[:, middle], np.float32)))  # the poison is real
-    for x in (out, dk, dv):
+    for x in (out, dq, dk, dv):
         assert np.all(np.isfinite(np.asarray(x[:, others], np.float32)))
 
 
