@@ -1,5 +1,6 @@
 """Smoke test of the benchmark at its smallest setting: it runs and reports numbers (no time is asserted)."""
 
+import json
 import math
 
 from haiku_gpt.configs import tiny
@@ -10,12 +11,13 @@ def finite_positive(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-def test_bench_train_sample_attention_smallest_setting():
+def test_bench_train_sample_attention_smallest_setting(tmp_path):
     config = tiny.get_config()
     config.check_attention = False
-    result = bench.bench_train(config, iters=3, warmup=1, vocab=65)
+    result = bench.bench_train(config, iters=3, warmup=1, vocab=65, trace_dir=str(tmp_path), trace_steps=2)
     assert finite_positive(result["ms_per_iter"]) and finite_positive(result["mfu"])
     assert result["n_params"] > 0
+    assert list(tmp_path.glob("**/perfetto_trace.json*")), "--trace_dir wrote no Perfetto trace"
 
     sample = bench.bench_sample(config, vocab=65, new_tokens=4)
     assert [r["variant"] for r in sample["rows"]][:2] == ["kv cache", "full recompute (nanoGPT)"]
@@ -124,3 +126,51 @@ def test_gpu_breakdown_counts_kernels_and_the_span_of_a_step(tmp_path):
     assert result["kernels_per_step"] == {**dict.fromkeys(gpu_bench.CATEGORIES, 0), "bf16 GEMM": 1,
                                           "attention kernels": 1, "other fusions": 1}
     assert result["total_ms_per_step"] == 4.5 and result["first_to_last_kernel_ms_per_step"] == 7.75
+
+
+def test_cpu_bench_gemm_shapes_are_the_steps_weight_matmuls():
+    """--what=cpu's GEMMs: each weight matmul's forward, dX and dW; their FLOPs are 6 x tokens x weights,
+    the matmul part of costs.flops_per_token (GQA narrows c_attn to C + 2 x kv_heads x head_dim)."""
+    from haiku_gpt.benchmarks import cpu_bench
+    from haiku_gpt.config import model_config
+
+    config = tiny.get_config()
+    config.n_kv_head = 1
+    mcfg = model_config(config, 65)
+    shapes = cpu_bench.gemm_shapes(config, mcfg)
+    n, c, q = config.batch_size * config.block_size, mcfg.n_embd, mcfg.n_embd + 2 * mcfg.head_dim
+    assert shapes[:3] == [("c_attn forward", n, q, c, mcfg.n_layer), ("c_attn dX", n, c, q, mcfg.n_layer),
+                          ("c_attn dW", c, q, n, mcfg.n_layer)]
+    weights = mcfg.n_layer * (c * q + c * c + 8 * c * c) + 65 * c
+    assert sum(2 * m * nn * k * count for _, m, nn, k, count in shapes) == 6 * n * weights
+
+    table = cpu_bench.gemm_table([("tiny", 8, 16, 4, 3)], dtypes=("float32",), repeats=2)
+    assert finite_positive(table["rows"][0]["xla float32"]) and finite_positive(table["step_gemm_ms"]["xla float32"])
+
+
+def test_cpu_bench_splits_a_steps_wall_time_by_what_runs(tmp_path):
+    """The trace breakdown counts wall time, not thread time: a matmul on one thread hides a fusion on the
+    other; wrappers (ThunkExecutor) are not thunks; a gap where no thunk runs is its own row."""
+    from haiku_gpt.benchmarks import cpu_bench
+
+    def meta(tid, name):
+        return {"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": name}}
+
+    def event(tid, name, ts, dur):
+        return {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+    events = [meta(1, "tf_XLAEigen/1"), meta(2, "tf_XLAEigen/2"), meta(3, "python"),
+              event(1, "ThunkExecutor::Execute", 0, 20_000), event(1, "ynn_fusion.3", 0, 10_000),
+              event(2, "multiply_add_fusion.1", 5_000, 10_000), event(2, "transpose_copy_fusion", 18_000, 2_000),
+              event(3, "ynn_fusion.9", 15_000, 3_000)]  # not an XLA thread: not counted
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    result = cpu_bench.wall_breakdown(str(path), steps_traced=2)
+    assert result["wall_ms_per_step"] == 10.0
+    assert result["ms_per_step"] == {"matmul": 5.0, "copies and transposes": 1.0, "other fusions": 2.5,
+                                     "no thunk running": 1.5}
+    text = cpu_bench.markdown({"cpu": cpu_bench.cpu_description(), "trace": result,
+                               "gemms": {"rows": [], "step_gemm_ms": {"xla float32": 1.0}},
+                               "variants": [{"variant": "default", "xla_flags": "", "overrides": [],
+                                             "ms_per_iter": [1.0], "median_ms": 1.0, "vs_default": 1.0}]})
+    assert "| no thunk running | 1.5 | 15% |" in text and "| default | `(none)` | 1.00 |" in text

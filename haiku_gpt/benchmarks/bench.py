@@ -7,6 +7,7 @@
   python -m haiku_gpt.benchmarks.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=checkpoint
   python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR] (a GPU: kernels, gpt2_124m, char quick start, trace)
   python -m haiku_gpt.benchmarks.bench --what=tiles (a GPU: the fastest Triton tiles per head_dim, forward and backward)
+  python -m haiku_gpt.benchmarks.bench --config=configs/shakespeare_char_cpu.py --what=cpu (GEMM rates, XLA:CPU options, trace)
 
 Each prints a table and writes JSON (--json_out, default bench-results/<what>.json).
 Times are medians after warm-up; compilation is reported separately. This is a
@@ -32,15 +33,15 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from haiku_gpt import costs  # noqa: E402
-from haiku_gpt.config import resolved  # noqa: E402
-from haiku_gpt.benchmarks import gpu_bench  # noqa: E402
+from haiku_gpt.config import model_config, resolved  # noqa: E402
+from haiku_gpt.benchmarks import cpu_bench, gpu_bench  # noqa: E402
 from haiku_gpt.sample import generate_tokens  # noqa: E402
 from haiku_gpt.steps import make_steps  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels", "checkpoint",
-                                           "gpu", "tiles"],
+                                           "gpu", "tiles", "cpu"],
                           "What to benchmark.")
 _TARGETS = flags.DEFINE_list("targets", ["a100", "h100", "tpu-v4:1x1x1", "tpu-v5e:1x1", "tpu-v5p:1x1x1",
                                          "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.aot.targets).")
@@ -61,7 +62,10 @@ _PLOT = flags.DEFINE_bool("plot", False, "attention: also write a PNG of the tab
 _JSON = flags.DEFINE_string("json_out", None, "Where to write the JSON results.")
 _NANOGPT = flags.DEFINE_string("nanogpt_dir", None, "nanogpt: a local checkout of karpathy/nanoGPT.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "nanogpt: interleaved rounds of (haiku_gpt, nanoGPT, nanoGPT+allocator); "
-                               "checkpoint: interleaved rounds of (npz, orbax).")
+                               "checkpoint: interleaved rounds of (npz, orbax); cpu: of the step's variants.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "train: also write a jax.profiler trace of --trace_steps "
+                                 "steps after the timed ones here.")
+_TRACE_STEPS = flags.DEFINE_integer("trace_steps", 10, "train: steps in the --trace_dir trace.")
 
 # glibc settings equivalent to haiku_gpt.system.tune_allocator, for the "same allocator tuning" baseline.
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
@@ -71,8 +75,10 @@ def _random_tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
     return rng.integers(0, vocab, size=shape, dtype=np.int32)
 
 
-def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
-    """ms/iter of the jitted train step (median), tokens/s, MFU, first-call (compile) time."""
+def bench_train(config, iters: int, warmup: int, vocab: int, trace_dir: str | None = None,
+                trace_steps: int = 10) -> dict:
+    """ms/iter of the jitted train step (median), tokens/s, MFU, first-call (compile) time; with
+    `trace_dir`, then a jax.profiler trace (Perfetto JSON too) of `trace_steps` more steps."""
     steps = make_steps(config, vocab)
     k = config.steps_per_call
     state = steps.init(config.seed)
@@ -93,6 +99,14 @@ def bench_train(config, iters: int, warmup: int, vocab: int) -> dict:
         np.asarray(m["loss"])  # the loop fetches the losses every call too
         times.append((time.perf_counter() - t0) / k)
     dt = statistics.median(times[-calls:])
+    if trace_dir:
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # XLA's events only: Python's would slow the traced steps
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True, profiler_options=options)
+        for i in range(max(trace_steps // k, 1)):
+            state, m = steps.train_steps(state, *batches[i % len(batches)])
+            np.asarray(m["loss"])
+        jax.profiler.stop_trace()
     tokens = costs.tokens_per_step(config)
     flops = costs.flops_per_step(config, steps.model_config)
     peak, _ = costs.peak_flops(config.peak_flops, config.dtype)
@@ -352,7 +366,7 @@ def main(argv):
     config = resolved(_CONFIG.value)  # --config.dtype=auto: this machine's choice
     what = _WHAT.value
     if what == "train":
-        result = bench_train(config, _ITERS.value, _WARMUP.value, _VOCAB.value)
+        result = bench_train(config, _ITERS.value, _WARMUP.value, _VOCAB.value, _TRACE_DIR.value, _TRACE_STEPS.value)
         print(f"train {result['config']} ({result['dtype']}): {result['ms_per_iter']:.2f} ms/iter (median), "
               f"{result['tokens_per_sec']:,.0f} tok/s, MFU {result['mfu'] * 100:.1f}% of "
               f"{result['peak_gflops']:.0f} GFLOP/s, first call {result['first_call_s']:.2f} s, "
@@ -390,6 +404,12 @@ def main(argv):
         result = gpu_bench.tile_sweep()
         print(f"fastest (forward, backward) tiles on {result['device']}, per head_dim, for "
               f"kernels/flash_attention.py's _TRITON_16BIT: {result['chosen']}")
+    elif what == "cpu":
+        if jax.default_backend() != "cpu":
+            raise app.UsageError(f"--what=cpu measures XLA's CPU backend, and this run's JAX is on "
+                                 f"{jax.default_backend()}: run it with JAX_PLATFORMS=cpu")
+        result = cpu_bench.run(config, model_config(config, _VOCAB.value), _config_path(), _ITERS.value,
+                               _ROUNDS.value)
     elif what == "checkpoint":
         result = bench_checkpoint(config, _VOCAB.value, _ROUNDS.value, os.path.join("bench-results", "checkpoints"))
         print(f"checkpoint of {result['config']} ({result['state_gb']:.2f} GB of state), median of "
