@@ -90,6 +90,34 @@ def test_gpu_check_compares_a_family_with_the_reference_and_reports_refusals():
     assert table.count("| yes |") == 1 and table.count("| NO |") == 1, table
 
 
+def test_gpu_check_runs_each_family_in_a_child_and_survives_a_hang_or_a_crash(monkeypatch, tmp_path):
+    """--what=gpu checks each family in a child process: its rows come back as JSON; a child that hangs is
+    killed at the timeout and one that crashes is one "fatal" row; run() then times that family nowhere."""
+    import sys
+
+    from haiku_gpt.benchmarks import gpu_bench
+
+    assert gpu_bench.check_in_child("mosaic_gpu", seed=1, cases=()) == []  # the real child, no cases
+    hang = [sys.executable, "-c", "print('case=B1 T9  family=auto', flush=True); import time; time.sleep(60)"]
+    rows = gpu_bench.check_in_child("auto", seed=1, timeout_s=2, command=hang)
+    assert rows[0]["fatal"] and "killed after 1 of 6 cases" in rows[0]["error"], rows
+    rows = gpu_bench.check_in_child("auto", seed=1, command=[sys.executable, "-c", "import sys; sys.exit('bad PTX')"])
+    assert rows[0]["fatal"] and "exit status 1): bad PTX" in rows[0]["error"], rows
+
+    timed = []
+    monkeypatch.setattr(gpu_bench, "check_in_child", lambda family, seed: (
+        [{"case": "all cases", "family": family, "seed": seed, "fatal": True, "error": "hung"}]
+        if family == "mosaic_gpu" else [{"case": "c", "family": family, "seed": seed, "ok": True,
+                                         "out": 0.0, "dq": 0.0, "dk": 0.0, "dv": 0.0}]))
+    monkeypatch.setattr(gpu_bench, "kernel_table", lambda impls: timed.extend(impls) or [])
+    monkeypatch.setattr(gpu_bench, "train_step_speed", lambda config, vocab: timed.append(
+        (config.attention_impl, config.kernel_family)) or {"ms_per_iter": 1.0, "tokens_per_sec": 1.0, "mfu": 0.1})
+    results = gpu_bench.run(None, "data", str(tmp_path), parts=("check", "kernels", "gpt2"))
+    assert timed == ["pallas", "cudnn", "xla", ("pallas", "auto"), ("cudnn", "auto")], timed
+    assert "not timed" in results["gpt2"]["haiku_gpt pallas mosaic_gpu"]["error"]
+    assert "| every shape | pallas mosaic_gpu | not timed: its check hung or crashed |" in gpu_bench.markdown(results)
+
+
 def test_tile_sweep_picks_a_forward_and_a_backward_tile_and_restores_the_table():
     """--what=tiles's plumbing at a tiny shape (on the CPU the kernel runs interpreted, so the times say nothing
     about the tiles): a row per candidate, the fastest of each pass chosen, the kernel's table as it was."""

@@ -1,8 +1,9 @@
 """`python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR]`: one command that measures a GPU.
 
 First checks the pallas kernel's families against the reference on this GPU (`correctness_table`: fresh
-random inputs, odd lengths, dropout, GQA, documents; the forward and the three gradients), then prints four
-tables, and writes all five (markdown and JSON) to --json_out's folder:
+random inputs, odd lengths, dropout, GQA, documents; the forward and the three gradients), each family in a
+child process (`check_in_child`: a family that hangs or crashes there is reported and not timed), then
+prints four tables, and writes all five (markdown and JSON) to --json_out's folder:
   1. attention: pallas (its Triton and its opt-in Hopper family, "pallas mosaic_gpu"), cudnn and xla,
      forward and forward+backward, bf16, causal, in TFLOP/s counted as causal FLOPs (forward 2 B H T^2 D,
      forward+backward 3.5x that), at the shapes of `KERNEL_SHAPES` (with a grouped-query row and a
@@ -41,12 +42,15 @@ from haiku_gpt.config import attention_desc
 # heads over 8 K/V heads) and document masking (each row of the batch 8 documents of T/8 tokens, segment ids)
 KERNEL_SHAPES = ((16, 1024, 32, 64, 32, 1), (8, 2048, 16, 128, 16, 1), (4, 8192, 16, 128, 16, 1),
                  (1, 32768, 8, 128, 8, 1), (4, 8192, 32, 128, 8, 1), (4, 8192, 16, 128, 16, 8))
+KERNEL_IMPLS = ("pallas", "pallas mosaic_gpu", "cudnn", "xla")
 XLA_MAX_SEQ = 8192  # XLA's attention holds [B, H, T, T] scores: past this it only measures its memory traffic
 CHAR_ITERS = 500
 # (batch, seq, heads, kv_heads, head_dim, causal, dropout, documents): odd lengths and head dims, every mask
 CHECK_CASES = ((2, 1000, 8, 8, 64, True, 0.0, 1), (1, 4097, 4, 2, 128, True, 0.1, 1), (2, 333, 8, 2, 96, False, 0.1, 3),
                (3, 65, 4, 1, 48, True, 0.0, 2), (2, 1, 2, 2, 64, True, 0.0, 1), (1, 2048, 16, 4, 128, True, 0.1, 5))
 CHECK_TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3}  # max |error| / max |reference|, as tests/ require
+CHECK_TIMEOUT_S = 600.0  # one family's check, compiles included; past it the family counts as hung
+CHILD_MEMORY_FRACTION = 0.15  # of the GPU's memory for the check's process (the benchmark's holds 0.75)
 GPT2_OVERRIDES = dict(batch_size=16, block_size=1024, gradient_accumulation_steps=1, dtype="bfloat16",
                       dropout=0.0, vocab_size=50304)
 
@@ -124,7 +128,38 @@ def correctness_table(cases=CHECK_CASES, families=("auto", "mosaic_gpu"), dtype=
     return rows
 
 
-def kernel_table(shapes=KERNEL_SHAPES, impls=("pallas", "pallas mosaic_gpu", "cudnn", "xla"),
+def check_in_child(family: str, seed: int, timeout_s: float = CHECK_TIMEOUT_S, cases=CHECK_CASES,
+                   command: list[str] | None = None) -> list[dict]:
+    """`correctness_table` for one family in a child process (`python -m haiku_gpt.benchmarks.gpu_bench`),
+    so that a kernel which hangs or faults the GPU on its first run ends that child, not the benchmark: its
+    rows then are one row whose error says so, with "fatal": True, and run() times the family no further.
+    The child gets CHILD_MEMORY_FRACTION of the GPU's memory (this process holds XLA's default share)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "check.json")
+        command = command or [sys.executable, "-m", "haiku_gpt.benchmarks.gpu_bench", "--family", family,
+                              "--seed", str(seed), "--cases", json.dumps(cases), "--out", out]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=str(CHILD_MEMORY_FRACTION))
+        fatal = {"case": "all cases", "family": family, "seed": seed, "fatal": True}
+        try:
+            proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as e:
+            output = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            done = [line for line in output.splitlines() if line.startswith("case=")]
+            for line in done:
+                print(line, flush=True)
+            return [{**fatal, "error": f"the check did not finish in {timeout_s:.0f} s (a kernel hung?) and was "
+                                      f"killed after {len(done)} of {len(cases)} cases"}]
+        if proc.returncode != 0 or not os.path.exists(out):
+            last = (proc.stderr.strip().splitlines() or [f"no output, exit status {proc.returncode}"])[-1]
+            return [{**fatal, "error": f"the check's process failed (exit status {proc.returncode}): {last[:200]}"}]
+        with open(out) as f:
+            rows = json.load(f)
+    for row in rows:
+        print(_row_text(row), flush=True)
+    return rows
+
+
+def kernel_table(shapes=KERNEL_SHAPES, impls=KERNEL_IMPLS,
                  dtype=jnp.bfloat16) -> list[dict]:
     """Forward and forward+backward TFLOP/s of each attention implementation at each shape, counting the
     FLOPs the mask leaves: causal, within each document (2 B H D sum(L^2) for documents of length L).
@@ -418,7 +453,7 @@ def profile_step(result: dict, out_dir: str, steps_traced: int = 3) -> dict:
 
 
 def _row_text(row: dict) -> str:
-    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+    return "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
 
 def _impl_and_family(label: str) -> tuple[str, str]:
@@ -495,16 +530,25 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str,
         with open(os.path.join(out_dir, "gpu.md"), "w") as f:
             f.write(markdown(results) + "\n")
 
+    failed = set()  # the families whose check hung or crashed: not timed
     if "check" in parts:
-        results["check"] = correctness_table()
+        seed = int.from_bytes(os.urandom(4), "little")
+        results["check"] = [row for family in ("auto", "mosaic_gpu") for row in check_in_child(family, seed)]
+        failed = {row["family"] for row in results["check"] if row.get("fatal")}
         save()
+    untimed = {{"auto": "pallas", "mosaic_gpu": "pallas mosaic_gpu"}[family] for family in failed}
     if "kernels" in parts:
-        results["kernels"] = kernel_table()
+        results["kernels"] = kernel_table(impls=[i for i in KERNEL_IMPLS if i not in untimed])
+        results["kernels"] += [{"shape": "every shape", "impl": impl, "skipped": "not timed: its check hung or crashed"}
+                               for impl in sorted(untimed)]
         save()
     nano_data = _synthetic_nanogpt_data(nanogpt_dir) if nanogpt_dir else None
     if "gpt2" in parts:
         results["gpt2"] = {}
         for impl in ("pallas", "pallas mosaic_gpu", "cudnn"):
+            if impl in untimed:
+                results["gpt2"][f"haiku_gpt {impl}"] = {"error": "not timed: its check hung or crashed"}
+                continue
             try:
                 timed = train_step_speed(_gpt2_config(impl), GPT2_OVERRIDES["vocab_size"])
             except Exception as e:  # noqa: BLE001 (the opt-in family failing is a result, not the end of the run)
@@ -541,3 +585,23 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str,
     print(markdown(results), flush=True)
     return results
 
+
+
+def _check_main() -> None:
+    """The child of check_in_child: one family's correctness_table, written as JSON."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=_check_main.__doc__)
+    parser.add_argument("--family", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--cases", default=json.dumps(CHECK_CASES), help="a JSON list of CHECK_CASES tuples")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    rows = correctness_table(cases=[tuple(c) for c in json.loads(args.cases)], families=(args.family,),
+                             seed=args.seed)
+    with open(args.out, "w") as f:
+        json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    _check_main()
