@@ -49,7 +49,7 @@ CHAR_ITERS = 500
 CHECK_CASES = ((2, 1000, 8, 8, 64, True, 0.0, 1), (1, 4097, 4, 2, 128, True, 0.1, 1), (2, 333, 8, 2, 96, False, 0.1, 3),
                (3, 65, 4, 1, 48, True, 0.0, 2), (2, 1, 2, 2, 64, True, 0.0, 1), (1, 2048, 16, 4, 128, True, 0.1, 5))
 CHECK_TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3}  # max |error| / max |reference|, as tests/ require
-CHECK_TIMEOUT_S = 600.0  # one family's check, compiles included; past it the family counts as hung
+CHECK_TIMEOUT_S = 240.0  # one family's check, compiles included; past it the family counts as hung
 CHILD_MEMORY_FRACTION = 0.15  # of the GPU's memory for the check's process (the benchmark's holds 0.75)
 GPT2_OVERRIDES = dict(batch_size=16, block_size=1024, gradient_accumulation_steps=1, dtype="bfloat16",
                       dropout=0.0, vocab_size=50304)
