@@ -60,6 +60,7 @@ LAYERS = [
     "haiku_gpt.aot.kernel_matrix",  # the compile matrix of the kernel
     "haiku_gpt.benchmarks.prepare_bench",  # peak memory and throughput of prepare on a generated corpus
     "haiku_gpt.benchmarks.gpu_bench",  # --what=gpu: kernels, the train steps and nanoGPT on one GPU
+    "haiku_gpt.benchmarks.cpu_bench",  # --what=cpu: GEMM rates, XLA:CPU options, a traced step
     "haiku_gpt.benchmarks.bench",
     "haiku_gpt.benchmarks",
     "haiku_gpt",
