@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from haiku_gpt.configs import tiny
 from haiku_gpt.benchmarks import bench
 
@@ -116,6 +118,13 @@ def test_gpu_check_runs_each_family_in_a_child_and_survives_a_hang_or_a_crash(mo
     assert timed == ["pallas", "cudnn", "xla", ("pallas", "auto"), ("cudnn", "auto")], timed
     assert "not timed" in results["gpt2"]["haiku_gpt pallas mosaic_gpu"]["error"]
     assert "| every shape | pallas mosaic_gpu | not timed: its check hung or crashed |" in gpu_bench.markdown(results)
+    assert (tmp_path / "gpu-check-kernels-gpt2.md").exists() and not (tmp_path / "gpu.md").exists()
+
+    assert gpu_bench.parse_parts(["check", "kernels"]) == ("check", "kernels")
+    for bad, reason in ((["check", "kernel"], "'kernel' is not a part"), ([], "nothing is not a part"),
+                        (["breakdown"], "add gpt2")):
+        with pytest.raises(ValueError, match=reason):
+            gpu_bench.parse_parts(bad)
 
 
 def test_tile_sweep_picks_a_forward_and_a_backward_tile_and_restores_the_table():

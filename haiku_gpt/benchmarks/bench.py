@@ -63,6 +63,8 @@ _JSON = flags.DEFINE_string("json_out", None, "Where to write the JSON results."
 _NANOGPT = flags.DEFINE_string("nanogpt_dir", None, "nanogpt: a local checkout of karpathy/nanoGPT.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "nanogpt: interleaved rounds of (haiku_gpt, nanoGPT, nanoGPT+allocator); "
                                "checkpoint: interleaved rounds of (npz, orbax); cpu: of the step's variants.")
+_GPU_PARTS = flags.DEFINE_list("gpu_parts", list(gpu_bench.PARTS), "gpu: which parts to run (to split them over "
+                                "several calls): " + ",".join(gpu_bench.PARTS))
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "train: also write a jax.profiler trace of --trace_steps "
                                  "steps after the timed ones here.")
 _TRACE_STEPS = flags.DEFINE_integer("trace_steps", 10, "train: steps in the --trace_dir trace.")
@@ -395,8 +397,12 @@ def main(argv):
         if jax.default_backend() != "gpu":
             raise app.UsageError(f"--what=gpu measures an NVIDIA GPU, and this machine runs JAX on "
                                  f"{jax.default_backend()}: run it where `pip install -e '.[cuda]'` found a GPU")
+        try:
+            parts = gpu_bench.parse_parts(_GPU_PARTS.value)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
         out_dir = os.path.dirname(_JSON.value) if _JSON.value else "bench-results"
-        result = gpu_bench.run(_NANOGPT.value, config.data_dir, out_dir)
+        result = gpu_bench.run(_NANOGPT.value, config.data_dir, out_dir, parts)
     elif what == "tiles":
         if jax.default_backend() != "gpu":
             raise app.UsageError(f"--what=tiles times the Triton kernels on an NVIDIA GPU, and this machine runs "

@@ -518,16 +518,34 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(nanogpt_dir: str | None, data_dir: str, out_dir: str,
-        parts=("check", "kernels", "gpt2", "char", "breakdown")) -> dict:
-    """Everything above, in one run, printed as it goes and written to out_dir (gpu.json, gpu.md)."""
+PARTS = ("check", "kernels", "gpt2", "char", "breakdown")
+
+
+def parse_parts(names: list[str]) -> tuple[str, ...]:
+    """--gpu_parts's names, checked: a subset of PARTS ("breakdown" rides on the gpt2 part's pallas step)."""
+    unknown = [n for n in names if n not in PARTS]
+    if unknown or not names:
+        raise ValueError(f"--gpu_parts={','.join(names)!s}: {', '.join(map(repr, unknown)) or 'nothing'} is not a "
+                         f"part of --what=gpu; pick from {','.join(PARTS)} (for example --gpu_parts=check,kernels "
+                         "in one call and --gpu_parts=gpt2,char,breakdown in the next)")
+    if "breakdown" in names and "gpt2" not in names:
+        raise ValueError("--gpu_parts: 'breakdown' traces the gpt2 part's pallas step: add gpt2 "
+                         "(--gpu_parts=gpt2,breakdown)")
+    return tuple(names)
+
+
+def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=PARTS) -> dict:
+    """Everything above, in one run, printed as it goes and written to out_dir (gpu.json, gpu.md; a run of
+    some parts writes gpu-<parts>.json and .md, so calls that split the parts keep each other's results)."""
     os.makedirs(out_dir, exist_ok=True)
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__}
 
+    stem = "gpu" if tuple(parts) == PARTS else "gpu-" + "-".join(parts)  # split calls keep each other's files
+
     def save():
-        with open(os.path.join(out_dir, "gpu.json"), "w") as f:
+        with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
-        with open(os.path.join(out_dir, "gpu.md"), "w") as f:
+        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
             f.write(markdown(results) + "\n")
 
     failed = set()  # the families whose check hung or crashed: not timed
