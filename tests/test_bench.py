@@ -20,6 +20,7 @@ def test_bench_train_sample_attention_smallest_setting(tmp_path):
     assert finite_positive(result["ms_per_iter"]) and finite_positive(result["mfu"])
     assert result["n_params"] > 0
     assert list(tmp_path.glob("**/perfetto_trace.json*")), "--trace_dir wrote no Perfetto trace"
+    assert result["traced_steps"] == max(2 // config.steps_per_call, 1) * config.steps_per_call
 
     sample = bench.bench_sample(config, vocab=65, new_tokens=4)
     assert [r["variant"] for r in sample["rows"]][:2] == ["kv cache", "full recompute (nanoGPT)"]
@@ -119,6 +120,9 @@ def test_gpu_check_runs_each_family_in_a_child_and_survives_a_hang_or_a_crash(mo
     assert "not timed" in results["gpt2"]["haiku_gpt pallas mosaic_gpu"]["error"]
     assert "| every shape | pallas mosaic_gpu | not timed: its check hung or crashed |" in gpu_bench.markdown(results)
     assert (tmp_path / "gpu-check-kernels-gpt2.md").exists() and not (tmp_path / "gpu.md").exists()
+    timed.clear()  # a later call of the same run (split parts) still leaves the hung family out
+    results = gpu_bench.run(None, "data", str(tmp_path), parts=("kernels",))
+    assert timed == ["pallas", "cudnn", "xla"], timed
 
     assert gpu_bench.parse_parts(["check", "kernels"]) == ("check", "kernels")
     for bad, reason in ((["check", "kernel"], "'kernel' is not a part"), ([], "nothing is not a part"),
@@ -174,12 +178,14 @@ def test_cpu_bench_gemm_shapes_are_the_steps_weight_matmuls():
     config = tiny.get_config()
     config.n_kv_head = 1
     mcfg = model_config(config, 65)
+    config.gradient_accumulation_steps, config.loss_chunk_tokens = 3, config.batch_size * config.block_size // 2
     shapes = cpu_bench.gemm_shapes(config, mcfg)
     n, c, q = config.batch_size * config.block_size, mcfg.n_embd, mcfg.n_embd + 2 * mcfg.head_dim
-    assert shapes[:3] == [("c_attn forward", n, q, c, mcfg.n_layer), ("c_attn dX", n, c, q, mcfg.n_layer),
-                          ("c_attn dW", c, q, n, mcfg.n_layer)]
+    assert shapes[:3] == [("c_attn forward", n, q, c, 3 * mcfg.n_layer), ("c_attn dX", n, c, q, 3 * mcfg.n_layer),
+                          ("c_attn dW", c, q, n, 3 * mcfg.n_layer)]
+    assert shapes[-1] == ("lm_head dW", 65, c, n // 2, 6)  # two loss chunks a micro-batch, [V, C] like wte
     weights = mcfg.n_layer * (c * q + c * c + 8 * c * c) + 65 * c
-    assert sum(2 * m * nn * k * count for _, m, nn, k, count in shapes) == 6 * n * weights
+    assert sum(2 * m * nn * k * count for _, m, nn, k, count in shapes) == 6 * 3 * n * weights
 
     table = cpu_bench.gemm_table([("tiny", 8, 16, 4, 3)], dtypes=("float32",), repeats=2)
     assert finite_positive(table["rows"][0]["xla float32"]) and finite_positive(table["step_gemm_ms"]["xla float32"])
@@ -197,7 +203,8 @@ def test_cpu_bench_splits_a_steps_wall_time_by_what_runs(tmp_path):
         return {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts, "dur": dur}
 
     events = [meta(1, "tf_XLAEigen/1"), meta(2, "tf_XLAEigen/2"), meta(3, "python"),
-              event(1, "ThunkExecutor::Execute", 0, 20_000), event(1, "ynn_fusion.3", 0, 10_000),
+              event(1, "ThunkExecutor::Execute", 0, 20_000), event(2, "while.2", 0, 20_000),
+              event(1, "ynn_fusion.3", 0, 10_000),
               event(2, "multiply_add_fusion.1", 5_000, 10_000), event(2, "transpose_copy_fusion", 18_000, 2_000),
               event(3, "ynn_fusion.9", 15_000, 3_000)]  # not an XLA thread: not counted
     path = tmp_path / "trace.json"
@@ -211,3 +218,21 @@ def test_cpu_bench_splits_a_steps_wall_time_by_what_runs(tmp_path):
                                "variants": [{"variant": "default", "xla_flags": "", "overrides": [],
                                              "ms_per_iter": [1.0], "median_ms": 1.0, "vs_default": 1.0}]})
     assert "| no thunk running | 1.5 | 15% |" in text and "| default | `(none)` | 1.00 |" in text
+
+    path.write_text(json.dumps({"traceEvents": events[3:]}))  # no thread names: no XLA thread
+    assert "xprof_traceme" in cpu_bench.wall_breakdown(str(path), steps_traced=1)["error"]
+
+
+def test_cpu_bench_a_failing_variant_is_a_row(monkeypatch):
+    from haiku_gpt.benchmarks import cpu_bench
+
+    def fake(config_path, overrides, iters, xla_flags, extra=()):
+        if "bad" in xla_flags:
+            raise RuntimeError("bench --what=train failed:\nUnknown flag in XLA_FLAGS: --bad")
+        return {"ms_per_iter": 10.0 if not xla_flags else 5.0}
+
+    monkeypatch.setattr(cpu_bench, "_bench_train", fake)
+    rows = cpu_bench.step_variants("c.py", [], 1, 2, variants=(("default", "", ()), ("bad", "--bad", ()),
+                                                                ("good", "--good", ())))
+    assert rows[1]["error"] == "Unknown flag in XLA_FLAGS: --bad" and rows[1]["ms_per_iter"] == []
+    assert rows[2]["ms_per_iter"] == [5.0, 5.0] and rows[2]["vs_default"] == 2.0

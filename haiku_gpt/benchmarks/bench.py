@@ -101,11 +101,12 @@ def bench_train(config, iters: int, warmup: int, vocab: int, trace_dir: str | No
         np.asarray(m["loss"])  # the loop fetches the losses every call too
         times.append((time.perf_counter() - t0) / k)
     dt = statistics.median(times[-calls:])
+    traced_calls = max(trace_steps // k, 1) if trace_dir else 0
     if trace_dir:
         options = jax.profiler.ProfileOptions()
         options.python_tracer_level = 0  # XLA's events only: Python's would slow the traced steps
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True, profiler_options=options)
-        for i in range(max(trace_steps // k, 1)):
+        for i in range(traced_calls):
             state, m = steps.train_steps(state, *batches[i % len(batches)])
             np.asarray(m["loss"])
         jax.profiler.stop_trace()
@@ -114,7 +115,7 @@ def bench_train(config, iters: int, warmup: int, vocab: int, trace_dir: str | No
     peak, _ = costs.peak_flops(config.peak_flops, config.dtype)
     return {"config": config.config_name, "dtype": config.dtype, "steps_per_call": k, "ms_per_iter": dt * 1e3,
             "tokens_per_sec": tokens / dt, "mfu": costs.mfu(flops, dt, peak), "peak_gflops": peak / 1e9,
-            "first_call_s": compile_s, "n_params": n_params}
+            "first_call_s": compile_s, "n_params": n_params, "traced_steps": traced_calls * k}
 
 
 def bench_checkpoint(config, vocab: int, rounds: int, out_dir: str) -> dict:

@@ -41,7 +41,8 @@ VARIANTS = (
 )
 # Thunks of XLA:CPU's trace whose time is a matmul: YNNPACK/XNNPACK/oneDNN fusions and Eigen dots.
 _MATMUL_THUNK = re.compile(r"^(ynn_fusion|xnn_fusion|onednn|dot)")
-_WRAPPER_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "end: ")
+# Events that wrap other thunks (the executor, a loop or call thunk running its body) or mark an end.
+_WRAPPER_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "end: ", "while", "call", "conditional")
 
 
 def cpu_description() -> str:
@@ -58,19 +59,24 @@ def cpu_description() -> str:
 
 
 def gemm_shapes(config, mcfg) -> list[tuple[str, int, int, int, int]]:
-    """(name, M, N, K, per step) of the step's weight matmuls: each layer's four, then the tied lm_head,
-    in the forward and the backward's dX (x W^T) and dW (x^T dY)."""
-    n = config.batch_size * config.block_size * config.gradient_accumulation_steps
-    c, q = mcfg.n_embd, mcfg.n_embd + 2 * mcfg.kv_heads * mcfg.head_dim
-    layers = mcfg.n_layer
-    weights = (("c_attn", c, q, layers), ("attn c_proj", c, c, layers), ("c_fc", c, 4 * c, layers),
-               ("mlp c_proj", 4 * c, c, layers), ("lm_head", c, mcfg.vocab_size, 1))
+    """(name, M, N, K, per step) of the step's weight matmuls: each layer's four and the tied lm_head, in
+    the forward and the backward's dX (dY W^T) and dW (x^T dY; the lm_head's as dY^T x, [V, C], the tied
+    embedding's layout), per micro-batch (M = batch x block; the lm_head's M: the loss's chunk of tokens),
+    times the micro-batches of a step. Left out: attention's own matmuls and, for a vocabulary small
+    enough to embed as a one-hot matmul, that embedding's."""
+    from haiku_gpt.loss import chunk_tokens  # noqa: PLC0415
+
+    n = config.batch_size * config.block_size
+    c, q, v = mcfg.n_embd, mcfg.n_embd + 2 * mcfg.kv_heads * mcfg.head_dim, mcfg.vocab_size
+    per_step, micro = mcfg.n_layer * config.gradient_accumulation_steps, config.gradient_accumulation_steps
     shapes = []
-    for name, fan_in, fan_out, count in weights:
-        shapes += [(f"{name} forward", n, fan_out, fan_in, count),
-                   (f"{name} dX", n, fan_in, fan_out, count),
-                   (f"{name} dW", fan_in, fan_out, n, count)]
-    return shapes
+    for name, fan_in, fan_out in (("c_attn", c, q), ("attn c_proj", c, c), ("c_fc", c, 4 * c), ("mlp c_proj", 4 * c, c)):
+        shapes += [(f"{name} forward", n, fan_out, fan_in, per_step), (f"{name} dX", n, fan_in, fan_out, per_step),
+                   (f"{name} dW", fan_in, fan_out, n, per_step)]
+    chunk = chunk_tokens(n, v, config.get("loss_chunk_tokens", 0))
+    chunks = micro * (n // chunk)
+    return shapes + [("lm_head forward", chunk, v, c, chunks), ("lm_head dX", chunk, c, v, chunks),
+                     ("lm_head dW", v, c, chunk, chunks)]
 
 
 def _median_seconds(f, repeats: int) -> float:
@@ -120,14 +126,15 @@ def gemm_table(shapes, dtypes=("float32", "bfloat16"), repeats: int = 30) -> dic
     return {"rows": rows, "step_gemm_ms": step_ms}
 
 
-def _bench_train(config_path: str, overrides, iters: int, xla_flags: str, extra=()) -> dict:
-    """`bench --what=train` in a fresh process with `xla_flags` added to XLA_FLAGS; its JSON result."""
+def _bench_train(config_path: str, overrides, iters: int, xla_flags: str, extra=(), timeout_s: float = 900) -> dict:
+    """`bench --what=train` in a fresh process with `xla_flags` added to XLA_FLAGS; its JSON result
+    (RuntimeError, with the process's last words, when it fails or outlasts `timeout_s`)."""
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip())
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "train.json")
         proc = subprocess.run([sys.executable, "-m", "haiku_gpt.benchmarks.bench", "--what=train",
                                f"--config={config_path}", *overrides, f"--iters={iters}", f"--json_out={out}",
-                               *extra], env=env, capture_output=True, text=True, check=False)
+                               *extra], env=env, capture_output=True, text=True, check=False, timeout=timeout_s)
         if proc.returncode != 0:
             raise RuntimeError(f"bench --what=train {' '.join(overrides)} (XLA_FLAGS={xla_flags!r}) failed:\n"
                                f"{proc.stderr[-2000:]}")
@@ -137,16 +144,28 @@ def _bench_train(config_path: str, overrides, iters: int, xla_flags: str, extra=
 
 def step_variants(config_path: str, overrides, iters: int, rounds: int, variants=VARIANTS) -> list[dict]:
     """Median ms/iter of the train step under each variant, interleaved over `rounds` rounds."""
-    times = {name: [] for name, _, _ in variants}
+    times, errors = {name: [] for name, _, _ in variants}, {}
     for r in range(rounds):
         for name, xla_flags, extra_overrides in variants:
-            result = _bench_train(config_path, [*overrides, *extra_overrides], iters, xla_flags)
+            if name in errors:
+                continue
+            try:
+                result = _bench_train(config_path, [*overrides, *extra_overrides], iters, xla_flags)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # one variant failing is a row, not the end
+                errors[name] = str(e).strip().splitlines()[-1][:200]
+                continue
             times[name].append(result["ms_per_iter"])
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()) + " ms/iter", flush=True)
-    base = statistics.median(times[variants[0][0]])
-    return [{"variant": name, "xla_flags": xla_flags, "overrides": list(extra), "ms_per_iter": times[name],
-             "median_ms": statistics.median(times[name]), "vs_default": base / statistics.median(times[name])}
-            for name, xla_flags, extra in variants]
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items() if v) + " ms/iter", flush=True)
+    base = statistics.median(times[variants[0][0]]) if times[variants[0][0]] else float("nan")
+    rows = []
+    for name, xla_flags, extra in variants:
+        row = {"variant": name, "xla_flags": xla_flags, "overrides": list(extra), "ms_per_iter": times[name]}
+        if name in errors:
+            row["error"] = errors[name]
+        else:
+            row.update(median_ms=statistics.median(times[name]), vs_default=base / statistics.median(times[name]))
+        rows.append(row)
+    return rows
 
 
 def _category(name: str) -> str:
@@ -181,17 +200,25 @@ def wall_breakdown(trace_json: str, steps_traced: int) -> dict:
             totals[running[0] if running else len(order)] += (t - previous) / 1e3 / steps_traced
         active[index] += change
         previous = t
-    wall = (edges[-1][0] - edges[0][0]) / 1e3 / steps_traced if edges else 0.0
+    if not edges:
+        return {"error": "the trace has no XLA:CPU thunk events (threads named tf_XLA*): was it taken with "
+                         "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true on the CPU?"}
+    wall = (edges[-1][0] - edges[0][0]) / 1e3 / steps_traced
     return {"ms_per_step": dict(zip((*order, "no thunk running"), totals)), "wall_ms_per_step": wall}
 
 
 def traced_step(config_path: str, overrides, steps_traced: int = 10) -> dict:
     """Trace `steps_traced` steps in a fresh process with XLA's thunk trace events on; break them down."""
     with tempfile.TemporaryDirectory() as tmp:
-        _bench_train(config_path, overrides, 20, "--xla_cpu_enable_xprof_traceme=true",
-                     extra=(f"--trace_dir={tmp}", f"--trace_steps={steps_traced}"))
+        try:
+            result = _bench_train(config_path, overrides, 20, "--xla_cpu_enable_xprof_traceme=true",
+                                  extra=(f"--trace_dir={tmp}", f"--trace_steps={steps_traced}"))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            return {"error": str(e).strip().splitlines()[-1][:200]}
         traces = [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files if f.startswith("perfetto_trace")]
-        return wall_breakdown(traces[0], steps_traced)
+        if not traces:
+            return {"error": f"the traced run wrote no Perfetto trace under {tmp}"}
+        return wall_breakdown(traces[0], result["traced_steps"])
 
 
 def markdown(result: dict) -> str:
@@ -209,9 +236,12 @@ def markdown(result: dict) -> str:
               "|---|---|---|---|---|"]
     for row in result["variants"]:
         how = " ".join([row["xla_flags"], *row["overrides"]]).strip() or "(none)"
-        lines.append(f"| {row['variant']} | `{how}` | {row['median_ms']:.2f} | "
-                     f"{', '.join(f'{t:.1f}' for t in row['ms_per_iter'])} | {row['vs_default']:.2f}x |")
+        lines.append(f"| {row['variant']} | `{how}` | " + (f"failed: {row['error']} | | |" if "error" in row else
+                     f"{row['median_ms']:.2f} | {', '.join(f'{t:.1f}' for t in row['ms_per_iter'])} | "
+                     f"{row['vs_default']:.2f}x |"))
     trace = result["trace"]
+    if "error" in trace:
+        return "\n".join([*lines, "", f"The traced step: {trace['error']}"])
     lines += ["", f"One traced step's wall time ({trace['wall_ms_per_step']:.1f} ms; tracing slows it), by what "
               "XLA:CPU runs:", "", "| running | ms per step | share |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {v / trace['wall_ms_per_step']:.0%} |" for k, v in trace["ms_per_step"].items()]
@@ -219,8 +249,10 @@ def markdown(result: dict) -> str:
 
 
 def run(config, mcfg, config_path: str, iters: int, rounds: int) -> dict:
-    overrides = [f"--config.{k}={config[k]}" for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
-                                                       "dropout", "dtype", "attention_impl")]
+    fields = ("batch_size", "block_size", "gradient_accumulation_steps", "steps_per_call", "n_layer", "n_head",
+              "n_kv_head", "n_embd", "bias", "dropout", "dtype", "attention_impl", "remat", "loss_chunk_tokens",
+              "cpu_matmul_library")  # the model and step the parent's GEMM table describes
+    overrides = [f"--config.{k}={config[k]}" for k in fields] + [f"--vocab_size={mcfg.vocab_size}"]
     config_path = os.path.abspath(config_path)  # the subprocesses may start elsewhere
     result = {"cpu": cpu_description(), "config": config.config_name}
     result["gemms"] = gemm_table(gemm_shapes(config, mcfg))
