@@ -32,8 +32,9 @@ program walks are double-buffered: the TMA copy of block j+1 is in flight while 
   backward:
     1. delta = rowsum(dO * O) in XLA.
     2. dK/dV, grid (nk, KVH, B): a key tile walks, for each of its G query heads, the query tiles at
-       or below the diagonal (with segment ids, only those in the span of its documents), rebuilding Pᵀ = exp2(Sᵀ - lse) from Sᵀ = K Qᵀ (the transposed scores,
-       so lse and delta broadcast along columns), then dV += Pᵀ dO, dPᵀ = V dOᵀ,
+       or below the diagonal (with segment ids, only those in the span of its documents), rebuilding
+       Pᵀ = exp2(Sᵀ - lse) from Sᵀ = K Qᵀ (the transposed scores, so lse and delta broadcast along
+       columns), then dV += Pᵀ dO, dPᵀ = V dOᵀ,
        dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q. The G heads of a group are summed in the accumulators:
        K/V are never repeated and dK/dV need no reduction afterwards.
     3. dQ, grid (nq, H, B): a query tile walks the key tiles the forward walks: S = Q Kᵀ,

@@ -231,7 +231,7 @@ def test_cpu_bench_a_failing_variant_is_a_row(monkeypatch):
             raise RuntimeError("bench --what=train failed:\nUnknown flag in XLA_FLAGS: --bad")
         return {"ms_per_iter": 10.0 if not xla_flags else 5.0}
 
-    monkeypatch.setattr(cpu_bench, "_bench_train", fake)
+    monkeypatch.setattr(cpu_bench, "train_in_child", fake)
     rows = cpu_bench.step_variants("c.py", [], 1, 2, variants=(("default", "", ()), ("bad", "--bad", ()),
                                                                 ("good", "--good", ())))
     assert rows[1]["error"] == "Unknown flag in XLA_FLAGS: --bad" and rows[1]["ms_per_iter"] == []

@@ -286,22 +286,13 @@ def _run_nanogpt(nanogpt_dir: str, config, iters: int, env_extra: dict) -> float
 
 def bench_nanogpt(config, nanogpt_dir: str, iters: int, rounds: int) -> dict:
     """haiku_gpt vs nanoGPT (plain, and with haiku_gpt's allocator tuning), interleaved in one run."""
-    import subprocess  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
     gpu_bench.nanogpt_data_dir(nanogpt_dir, config)
     overrides = [f"--config.{k}={config[k]}" for k in ("data_dir", "dataset", "batch_size", "block_size",
                                                         "n_layer", "n_head", "n_embd", "dropout", "dtype",
                                                         "attention_impl", "steps_per_call", "cpu_matmul_library")]
     results = {"haiku_gpt": [], "nanogpt": [], "nanogpt_allocator_tuned": []}
     for r in range(rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "train.json")
-            subprocess.run([sys.executable, "-m", "haiku_gpt.benchmarks.bench", "--what=train", f"--config={_config_path()}",
-                            *overrides, f"--iters={iters}", f"--json_out={out}"], check=True,
-                           capture_output=True)
-            with open(out) as f:
-                results["haiku_gpt"].append(json.load(f)["ms_per_iter"])
+        results["haiku_gpt"].append(cpu_bench.train_in_child(_config_path(), overrides, iters)["ms_per_iter"])
         results["nanogpt"].append(_run_nanogpt(nanogpt_dir, config, iters, {}))
         results["nanogpt_allocator_tuned"].append(_run_nanogpt(nanogpt_dir, config, iters, ALLOCATOR_ENV))
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} ms/iter" for k, v in results.items()), flush=True)

@@ -126,7 +126,8 @@ def gemm_table(shapes, dtypes=("float32", "bfloat16"), repeats: int = 30) -> dic
     return {"rows": rows, "step_gemm_ms": step_ms}
 
 
-def _bench_train(config_path: str, overrides, iters: int, xla_flags: str, extra=(), timeout_s: float = 900) -> dict:
+def train_in_child(config_path: str, overrides, iters: int, xla_flags: str = "", extra=(),
+                   timeout_s: float = 900) -> dict:
     """`bench --what=train` in a fresh process with `xla_flags` added to XLA_FLAGS; its JSON result
     (RuntimeError, with the process's last words, when it fails or outlasts `timeout_s`)."""
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip())
@@ -150,7 +151,7 @@ def step_variants(config_path: str, overrides, iters: int, rounds: int, variants
             if name in errors:
                 continue
             try:
-                result = _bench_train(config_path, [*overrides, *extra_overrides], iters, xla_flags)
+                result = train_in_child(config_path, [*overrides, *extra_overrides], iters, xla_flags)
             except (RuntimeError, subprocess.TimeoutExpired) as e:  # one variant failing is a row, not the end
                 errors[name] = str(e).strip().splitlines()[-1][:200]
                 continue
@@ -211,7 +212,7 @@ def traced_step(config_path: str, overrides, steps_traced: int = 10) -> dict:
     """Trace `steps_traced` steps in a fresh process with XLA's thunk trace events on; break them down."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result = _bench_train(config_path, overrides, 20, "--xla_cpu_enable_xprof_traceme=true",
+            result = train_in_child(config_path, overrides, 20, "--xla_cpu_enable_xprof_traceme=true",
                                   extra=(f"--trace_dir={tmp}", f"--trace_steps={steps_traced}"))
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             return {"error": str(e).strip().splitlines()[-1][:200]}

@@ -51,6 +51,7 @@ CHECK_CASES = ((2, 1000, 8, 8, 64, True, 0.0, 1), (1, 4097, 4, 2, 128, True, 0.1
 CHECK_TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3}  # max |error| / max |reference|, as tests/ require
 CHECK_TIMEOUT_S = 240.0  # one family's check, compiles included; past it the family counts as hung
 CHILD_MEMORY_FRACTION = 0.15  # of the GPU's memory for the check's process (the benchmark's holds 0.75)
+UNTIMED = "not timed: its check hung or crashed"
 GPT2_OVERRIDES = dict(batch_size=16, block_size=1024, gradient_accumulation_steps=1, dtype="bfloat16",
                       dropout=0.0, vocab_size=50304)
 
@@ -560,10 +561,10 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=PARTS) -> di
     if os.path.exists(fatal_path):
         with open(fatal_path) as f:
             failed = set(json.load(f))
-    untimed = {{"auto": "pallas", "mosaic_gpu": "pallas mosaic_gpu"}[family] for family in failed}
+    untimed = {label for label in KERNEL_IMPLS if label.startswith("pallas") and _impl_and_family(label)[1] in failed}
     if "kernels" in parts:
         results["kernels"] = kernel_table(impls=[i for i in KERNEL_IMPLS if i not in untimed])
-        results["kernels"] += [{"shape": "every shape", "impl": impl, "skipped": "not timed: its check hung or crashed"}
+        results["kernels"] += [{"shape": "every shape", "impl": impl, "skipped": UNTIMED}
                                for impl in sorted(untimed)]
         save()
     nano_data = _synthetic_nanogpt_data(nanogpt_dir) if nanogpt_dir else None
@@ -571,7 +572,7 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=PARTS) -> di
         results["gpt2"] = {}
         for impl in ("pallas", "pallas mosaic_gpu", "cudnn"):
             if impl in untimed:
-                results["gpt2"][f"haiku_gpt {impl}"] = {"error": "not timed: its check hung or crashed"}
+                results["gpt2"][f"haiku_gpt {impl}"] = {"error": UNTIMED}
                 continue
             try:
                 timed = train_step_speed(_gpt2_config(impl), GPT2_OVERRIDES["vocab_size"])
@@ -596,7 +597,7 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=PARTS) -> di
             print(f"nanoGPT gpt2: {results['gpt2']['nanoGPT --compile=True']}", flush=True)
             save()
     if "char" in parts and "pallas" in untimed:
-        results["char"] = {"haiku_gpt pallas": {"error": "not timed: its check hung or crashed"}}
+        results["char"] = {"haiku_gpt pallas": {"error": UNTIMED}}
     elif "char" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             results["char"] = {"haiku_gpt pallas": char_quick_start(_char_config(data_dir), tmp)}
@@ -610,7 +611,6 @@ def run(nanogpt_dir: str | None, data_dir: str, out_dir: str, parts=PARTS) -> di
         save()
     print(markdown(results), flush=True)
     return results
-
 
 
 def _check_main() -> None:
