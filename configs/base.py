@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.kernel_family = "auto"  # pallas's GPU kernels: 'auto' (Triton) | 'mosaic_gpu' (Hopper, opt-in: docs/kernels.md)
     c.check_attention = False  # run the reference beside attention_impl and chex-compare
     c.remat = "none"  # 'none' | 'block' (recompute each block in the backward pass) | 'dots' (keep matmul outputs)
-    c.loss_chunk_tokens = 0  # lm_head + cross-entropy over chunks of this many tokens (0: chunks of <= 2^27 logits)
+    c.loss_chunk_tokens = 0  # lm_head + cross-entropy over chunks of this many tokens (0: chunks of <= 512 MiB of logits)
     # AdamW
     c.learning_rate = 6e-4
     c.max_iters = 600000

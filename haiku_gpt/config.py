@@ -167,7 +167,7 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
     if config.loss_chunk_tokens < 0 or (config.loss_chunk_tokens and tokens % config.loss_chunk_tokens):
         bad(f"--config.loss_chunk_tokens={config.loss_chunk_tokens} must divide the {tokens} tokens of a batch "
             f"(batch_size x block_size), e.g. {tokens // 8 if tokens % 8 == 0 else tokens}; 0 chooses chunks of at "
-            "most 2^27 logits.")
+            "most 512 MiB of logits.")
     if config.keep_checkpoints < 1:
         bad(f"--config.keep_checkpoints={config.keep_checkpoints} must be at least 1.")
     if config.steps_per_call < 1:

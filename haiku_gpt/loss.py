@@ -9,7 +9,8 @@ float32, and the plain path (logits, then `softmax_cross_entropy`) holds them an
 runs its two backward GEMMs on float32 operands. Here the logits exist one [n, V] chunk at a time:
 
   for each chunk of n tokens (a `lax.scan`):
-    logits  = x_c @ E^T                      operands in x's dtype (bf16 in a bf16 run), float32 accumulation
+    logits  = x_c @ E^T                      operands in x's dtype (bf16 in a bf16 run), float32 accumulation,
+                                             stored in x's dtype (as nanoGPT's autocast logits are)
     lse     = logsumexp(logits)              float32
     loss   += sum(lse - logits[label])
     dlogits = (softmax(logits) - onehot(label)) / N, cast to x's dtype
@@ -20,6 +21,13 @@ The gradients are computed in the forward pass (a `jax.custom_vjp` whose residua
 training runs the same three GEMMs as the plain path (logits, dx, dE) and never recomputes the logits;
 the backward only scales them by the incoming cotangent. Without differentiation (evaluation) only the
 loss is computed. float32 inputs give the plain path's numbers up to summation order.
+
+Each chunk's logits are read three times after the GEMM writes them (max, sum of exponentials, then
+dlogits with the label's logit), and dlogits twice (the two GEMMs): in a bf16 run, bf16 logits halve
+those bytes against float32 ones, and a chunk of the same 512 MiB holds twice the tokens, so the
+float32 dE accumulator is read and written half as often. gpt2_124m at 16 x 1024 in bf16 runs four chunks
+of 4,096 tokens, whose 64 kernels move 13.9 GB a step where float32 logits in eight chunks took 128 kernels
+and 22.8 GB (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,21 +38,22 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-# Auto chunking: at most this many logits (float32) per chunk, 512 MiB. Big enough that each chunk's
-# GEMMs fill a GPU (GPT-2: 2,048 tokens x 50,304), small enough that the logits of a GPT-2 batch of
-# 16 x 1024 tokens take an eighth of the memory.
-MAX_CHUNK_LOGITS = 1 << 27
+# Auto chunking: at most this many bytes of logits per chunk, 512 MiB. Big enough that each chunk's
+# GEMMs fill a GPU (GPT-2 in bf16: 4,096 tokens x 50,304), small enough that the logits of a GPT-2 batch
+# of 16 x 1024 tokens take a quarter of the memory (an eighth in float32).
+MAX_CHUNK_BYTES = 1 << 29
 
 
-def chunk_tokens(num_tokens: int, vocab_size: int, requested: int = 0) -> int:
+def chunk_tokens(num_tokens: int, vocab_size: int, requested: int = 0, logit_bytes: int = 4) -> int:
     """Tokens per chunk: `requested` (it must divide `num_tokens`), else the largest divisor of
-    `num_tokens` whose logits stay within MAX_CHUNK_LOGITS (all tokens when they fit)."""
+    `num_tokens` whose logits (`logit_bytes` each: the compute dtype's size) stay within MAX_CHUNK_BYTES
+    (all tokens when they fit)."""
     if requested:
         if num_tokens % requested:
             raise ValueError(f"loss_chunk_tokens={requested} does not divide the {num_tokens} tokens of a batch "
                              f"(batch_size x block_size): choose a divisor of {num_tokens}, or 0 for automatic")
         return requested
-    chunks = min(-(-num_tokens * vocab_size // MAX_CHUNK_LOGITS), num_tokens)  # one token a chunk at most
+    chunks = min(-(-num_tokens * vocab_size * logit_bytes // MAX_CHUNK_BYTES), num_tokens)  # one token a chunk at most
     while num_tokens % chunks:
         chunks += 1
     return num_tokens // chunks
@@ -55,8 +64,11 @@ def _dot(a, b, dims):
 
 
 def _chunk_stats(x_c, embeddings, labels_c):
-    """One chunk's float32 logits [n, V], their logsumexp [n] and the labels' logits [n]."""
-    logits = _dot(x_c, embeddings, ((1,), (1,)))  # x_c @ E^T without a transpose op
+    """One chunk's logits [n, V] (float32, from logits rounded to x_c's dtype), their logsumexp [n] and
+    the labels' logits [n]."""
+    # x_c @ E^T without a transpose op. The GEMM writes x_c's dtype (a convert XLA fuses into it) and each
+    # pass below reads that and computes in float32: in a bf16 run no float32 [n, V] array is stored.
+    logits = _dot(x_c, embeddings, ((1,), (1,))).astype(x_c.dtype).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     is_label = jnp.arange(logits.shape[-1])[None, :] == labels_c[:, None]
     label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), axis=-1)
@@ -112,11 +124,11 @@ def chunked_cross_entropy(
 ) -> Float[Array, ""]:
     """mean over tokens of -log softmax(x @ embeddings^T)[label], differentiable in x and embeddings.
 
-    The GEMMs run on operands of x's dtype (embeddings are cast to it) with float32 accumulation; the
-    softmax and the loss are float32. `chunk`: tokens per chunk (0: `chunk_tokens`' automatic choice).
+    The GEMMs run on operands of x's dtype (embeddings are cast to it) with float32 accumulation, the
+    logits are rounded to x's dtype; the softmax and the loss are float32. `chunk`: tokens per chunk (0: `chunk_tokens`' automatic choice).
     """
     if x.ndim != 2 or embeddings.ndim != 2 or x.shape[1] != embeddings.shape[1] or labels.shape != x.shape[:1]:
         raise ValueError(f"chunked_cross_entropy takes x [N, C], embeddings [V, C] and labels [N]; got "
                          f"{x.shape}, {embeddings.shape} and {labels.shape}")
-    n = chunk_tokens(x.shape[0], embeddings.shape[0], chunk)
+    n = chunk_tokens(x.shape[0], embeddings.shape[0], chunk, x.dtype.itemsize)
     return _cross_entropy(x, embeddings.astype(x.dtype), labels.astype(jnp.int32), n)

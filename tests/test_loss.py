@@ -76,11 +76,13 @@ def test_a_tiny_gpt_in_bfloat16_stays_within_bfloat16_noise_of_float32(data_dir)
 
 
 def test_automatic_chunks_hold_at_most_the_budget_and_divide_the_tokens():
-    assert loss.chunk_tokens(16384, 50304) == 2048  # GPT-2 at batch 16 x 1024: eight chunks
+    assert loss.chunk_tokens(16384, 50304) == 2048  # GPT-2 at batch 16 x 1024, float32 logits: eight chunks
+    assert loss.chunk_tokens(16384, 50304, logit_bytes=2) == 4096  # bf16 logits: four
     assert loss.chunk_tokens(768, 65) == 768  # the CPU recipe: one chunk
     for tokens, vocab in [(16384, 50304), (12 * 1024, 50304), (1000, 50304 * 300), (7, 1 << 30)]:
-        n = loss.chunk_tokens(tokens, vocab)
-        assert tokens % n == 0 and (n * vocab <= loss.MAX_CHUNK_LOGITS or n == 1)
+        for logit_bytes in (2, 4):
+            n = loss.chunk_tokens(tokens, vocab, logit_bytes=logit_bytes)
+            assert tokens % n == 0 and (n * vocab * logit_bytes <= loss.MAX_CHUNK_BYTES or n == 1)
     assert loss.chunk_tokens(4096, 50304, 512) == 512
     with pytest.raises(ValueError, match="does not divide"):
         loss.chunk_tokens(4096, 50304, 500)

@@ -610,20 +610,23 @@ class HloOp:
     dtype: str  # of the result ("f32", "bf16", ...; a tuple's first element)
     shape: tuple[int, ...]
     operand_dtypes: tuple[str, ...]  # of the instructions it reads (dtypes looked up by name)
+    results: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (dtype, shape) of every array it returns (a tuple's all)
 
 
 def hlo_ops(hlo_text: str) -> list[HloOp]:
     """Every instruction of `compiled.as_text()`, with its operands' dtypes: what to assert on when proving
     that a program has, say, no float32 GEMM (`dot` with two f32 operands) or no transpose."""
     found = []
+    hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)  # long tuples' and operand lists' position marks
     for m in _HLO_INSTRUCTION.finditer(hlo_text):
-        dtype, dims = _HLO_ARRAY.search(m.group(2)).groups()  # a tuple's first element
-        found.append((m.group(1), m.group(3), dtype, tuple(int(d) for d in dims.split(",") if d), m.group(4)))
-    dtypes = {name: dtype for name, _, dtype, _, _ in found}
+        results = tuple((dtype, tuple(int(d) for d in dims.split(",") if d))
+                        for dtype, dims in _HLO_ARRAY.findall(m.group(2)))
+        found.append((m.group(1), m.group(3), *results[0], m.group(4), results))  # a tuple's first element
+    dtypes = {name: dtype for name, _, dtype, _, _, _ in found}
     ops = []
-    for name, opcode, dtype, shape, rest in found:
+    for name, opcode, dtype, shape, rest, results in found:
         operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-        ops.append(HloOp(name, opcode, dtype, shape, tuple(dtypes.get(o, "?") for o in operands)))
+        ops.append(HloOp(name, opcode, dtype, shape, tuple(dtypes.get(o, "?") for o in operands), results))
     return ops
 
 

@@ -73,7 +73,8 @@ def gemm_shapes(config, mcfg) -> list[tuple[str, int, int, int, int]]:
     for name, fan_in, fan_out in (("c_attn", c, q), ("attn c_proj", c, c), ("c_fc", c, 4 * c), ("mlp c_proj", 4 * c, c)):
         shapes += [(f"{name} forward", n, fan_out, fan_in, per_step), (f"{name} dX", n, fan_in, fan_out, per_step),
                    (f"{name} dW", fan_in, fan_out, n, per_step)]
-    chunk = chunk_tokens(n, v, config.get("loss_chunk_tokens", 0))
+    logit_bytes = 2 if config.get("dtype") in ("bfloat16", "float16") else 4  # 'auto' is float32 on a CPU
+    chunk = chunk_tokens(n, v, config.get("loss_chunk_tokens", 0), logit_bytes)
     chunks = micro * (n // chunk)
     return shapes + [("lm_head forward", chunk, v, c, chunks), ("lm_head dX", chunk, c, v, chunks),
                      ("lm_head dW", v, c, chunk, chunks)]
