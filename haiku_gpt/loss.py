@@ -27,7 +27,7 @@ dlogits with the label's logit), and dlogits twice (the two GEMMs): in a bf16 ru
 those bytes against float32 ones, and a chunk of the same 512 MiB holds twice the tokens, so the
 float32 dE accumulator is read and written half as often. gpt2_124m at 16 x 1024 in bf16 runs four chunks
 of 4,096 tokens, whose 64 kernels move 13.9 GB a step where float32 logits in eight chunks took 128 kernels
-and 22.8 GB (docs/performance.md).
+and 22.8 GB (`python -m haiku_gpt.benchmarks.bench --what=hlo`, docs/performance.md).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from conftest import needs_cuda
 from haiku_gpt.configs import tiny
 from haiku_gpt.benchmarks import bench
 
@@ -38,6 +39,24 @@ def test_bench_checkpoint_smallest_setting(tmp_path):
     assert all(finite_positive(result[k]) for k in ("npz_blocking_s", "orbax_blocking_s", "orbax_written_s"))
     assert result["orbax_written_s"] >= result["orbax_blocking_s"] and result["state_gb"] > 0
     assert not (tmp_path / "ckpt").exists()
+
+
+@needs_cuda
+def test_bench_hlo_reads_a_bf16_h100_steps_kernels_and_bytes():
+    """--what=hlo: the step compiled for an H100 without one, dtype=auto resolved for it (bf16). Its kernels by
+    the trace breakdown's categories: four Pallas kernels a layer, no float32 GEMM; the loss loop's kernels
+    counted once per chunk, and the bytes at least the bf16 logits written once and read three times."""
+    config = tiny.get_config()
+    config.update(attention_impl="pallas", dropout=0.0, n_layer=2, n_embd=128, n_head=2, block_size=256,
+                  batch_size=8, loss_chunk_tokens=512)
+    result = bench.bench_hlo(config, vocab=50304, target="h100")
+    assert result["dtype"] == "bfloat16" and result["tokens_per_call"] == config.steps_per_call * 8 * 256
+    counts, gb = result["kernels_per_call"], result["gb_per_call"]
+    assert counts["attention kernels"] == 4 * 2 * config.steps_per_call and counts["float32 GEMM"] == 0
+    assert result["kernels"] == sum(counts.values()) and math.isclose(result["total_gb"], sum(gb.values()))
+    chunks = 8 * 256 // 512
+    assert {k["launches"] for k in result["top_kernels"]} >= {chunks * config.steps_per_call}
+    assert result["total_gb"] > config.steps_per_call * chunks * 4 * 512 * 50304 * 2 / 1e9
 
 
 def test_gpu_breakdown_tells_float32_gemm_fusions_from_bf16_ones():

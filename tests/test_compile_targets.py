@@ -203,6 +203,56 @@ def test_target_with_a_bad_name_is_a_clear_error(tiny_config):
         preflight.check_compiled(_setup(_target_config(tiny_config, "b200x8")))
 
 
+_LOOP_HLO = """HloModule m
+
+%fused_r (q: f32[8], w: f32[8,4]) -> f32[8] {
+  %q = f32[8]{0} parameter(0)
+  %w.1 = f32[8,4]{1,0} parameter(1)
+  ROOT %s = f32[8]{0} add(%q, %q)
+}
+
+%body (p: (s32[], f32[8], f32[8,4], f32[2], f32[2], /*index=5*/f32[2])) -> (s32[], f32[8], f32[8,4], f32[2], f32[2], /*index=5*/f32[2]) {
+  %p = (s32[], f32[8]{0}, f32[8,4]{1,0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %w = f32[8,4]{1,0} get-tuple-element(%p), index=2
+  %r = f32[8]{0} fusion(%x, %w), kind=kInput, calls=%fused_r
+  %n = s32[] add(%i, %i)
+  ROOT %t = (s32[], f32[8]{0}, f32[8,4]{1,0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}) tuple(%n, %r, %w, %x, %x, /*index=5*/%x)
+}
+
+%cond (p.1: (s32[], f32[8], f32[8,4], f32[2], f32[2], /*index=5*/f32[2])) -> pred[] {
+  %p.1 = (s32[], f32[8]{0}, f32[8,4]{1,0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  ROOT %lt = pred[] compare(%i.1, %i.1), direction=LT
+}
+
+ENTRY %main (a: f32[8], b: f32[8,4], c: f32[2]) -> bf16[8] {
+  %a = f32[8]{0} parameter(0)
+  %b = f32[8,4]{1,0} parameter(1)
+  %c = f32[2]{0} parameter(2)
+  %zero = s32[] constant(0)
+  %t0 = (s32[], f32[8]{0}, f32[8,4]{1,0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}) tuple(%zero, %a, %b, %c, %c, /*index=5*/%c)
+  %loop = (s32[], f32[8]{0}, f32[8,4]{1,0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %y = f32[8]{0} get-tuple-element(%loop), index=1
+  %k = f32[8]{0} custom-call(%y), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/attn/flash_attention_forward/pallas_call"}
+  ROOT %z = bf16[8]{0} convert(%k)
+}
+"""
+
+
+def test_kernel_traffic_counts_a_loops_body_per_trip_and_the_bytes_each_kernel_moves():
+    """The kernels of a module: the while body's once per known trip (not its condition, not the fusion's own
+    computation), each with its operands read whole and its result written; a Pallas call named as a GPU
+    trace names it; tuples longer than five (their `/*index=5*/` marks) parsed."""
+    kernels = {k.name: k for k in targets.kernel_traffic(_LOOP_HLO)}
+    assert set(kernels) == {"r", "n", "flash_attention_forward", "z"}
+    assert (kernels["r"].launches, kernels["r"].bytes) == (3, 4 * 8 + 4 * 8 + 4 * 32)
+    assert (kernels["n"].launches, kernels["n"].bytes) == (3, 4 + 4 + 4)
+    assert (kernels["flash_attention_forward"].opcode, kernels["flash_attention_forward"].bytes) == ("custom-call", 64)
+    assert (kernels["z"].launches, kernels["z"].bytes) == (1, 2 * 8 + 4 * 8)
+
+
 # --- the bf16 train step on an H100: what the GPU runs, read from its optimized HLO ---------------
 
 

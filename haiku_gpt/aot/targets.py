@@ -630,6 +630,65 @@ def hlo_ops(hlo_text: str) -> list[HloOp]:
     return ops
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_NOT_KERNELS = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional",
+                          "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"})
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTraffic:
+    """One kernel of an optimized HLO module and the memory it moves."""
+
+    name: str  # the instruction's name; a Pallas call's kernel name (as a GPU trace shows it)
+    opcode: str  # "fusion", "custom-call", "copy", ...
+    launches: int  # per call of the program: a while loop's body counts once per known trip
+    bytes: int  # per launch: every operand read whole (an upper bound for a slice) plus the result written
+
+
+def kernel_traffic(hlo_text: str) -> list[KernelTraffic]:
+    """The kernels of `compiled.as_text()`: the instructions of the entry computation and of the while loops,
+    calls and conditionals it runs (all branches), less bookkeeping (parameters, tuples, bitcasts, constants).
+    Device-independent: what a memory-bound step's time follows, read without the hardware."""
+    hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)
+    computations: dict[str, list[re.Match]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif current is not None and (m := _HLO_INSTRUCTION.match(line)):
+            computations[current].append(m)
+    types = {m.group(1): m.group(2) for ms in computations.values() for m in ms}
+
+    def nbytes(hlo_type: str) -> int:
+        return sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                   for dtype, dims in _HLO_ARRAY.findall(hlo_type))
+
+    kernels, pending = [], [(entry, 1)]
+    while pending:
+        computation, launches = pending.pop()
+        for m in computations.get(computation, ()):
+            name, hlo_type, opcode, rest = m.groups()
+            if opcode == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                body = re.findall(r"body=%([\w.\-]+)", rest)  # its condition: a scalar compare, not counted
+                pending += [(c, launches * (int(trips.group(1)) if trips else 1)) for c in body]
+            elif opcode in ("call", "conditional"):
+                branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                called = re.findall(r"(?:to_apply|true_computation|false_computation)=%([\w.\-]+)", rest)
+                pending += [(c, launches) for c in called + re.findall(r"%([\w.\-]+)", branches.group(1) if branches else "")]
+            if opcode in _NOT_KERNELS:
+                continue
+            operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+            pallas = re.search(r'op_name="[^"]*/(\w+)/pallas_call"', rest)
+            kernels.append(KernelTraffic(pallas.group(1) if pallas else name, opcode, launches,
+                                         nbytes(hlo_type) + sum(nbytes(types.get(o, "")) for o in operands)))
+    return kernels
+
+
 # --- kernel resources -----------------------------------------------------------------------------
 
 def _kernel_resources(target: Target, compiled: Any, dump: Path | None,

@@ -4,6 +4,8 @@
   python -m haiku_gpt.benchmarks.bench --config=configs/shakespeare_char.py --what=sample
   python -m haiku_gpt.benchmarks.bench --config=configs/shakespeare_char_cpu.py --what=attention [--plot]
   python -m haiku_gpt.benchmarks.bench --what=kernels [--targets=h100,tpu-v5e] (compile matrix; needs the aot extra)
+  python -m haiku_gpt.benchmarks.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=hlo [--hlo_target=h100]
+      (the train step's kernels and the GB they move, from its deviceless compile; needs the aot extra)
   python -m haiku_gpt.benchmarks.bench --config=configs/gpt2_124m.py --vocab_size=50304 --what=checkpoint
   python -m haiku_gpt.benchmarks.bench --what=gpu [--nanogpt_dir=DIR] (a GPU: kernels, gpt2_124m, char quick start, trace)
   python -m haiku_gpt.benchmarks.bench --what=tiles (a GPU: the fastest Triton tiles per head_dim, forward and backward)
@@ -17,6 +19,7 @@ benchmark, not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -33,7 +36,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from haiku_gpt import costs  # noqa: E402
-from haiku_gpt.config import model_config, resolved  # noqa: E402
+from haiku_gpt.config import attention_desc, model_config, resolved  # noqa: E402
 from haiku_gpt.benchmarks import cpu_bench, gpu_bench  # noqa: E402
 from haiku_gpt.sample import generate_tokens  # noqa: E402
 from haiku_gpt.steps import make_steps  # noqa: E402
@@ -41,10 +44,11 @@ from haiku_gpt.steps import make_steps  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_cpu.py", "Config file.",
                                           lock_config=True)
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "sample", "attention", "nanogpt", "kernels", "checkpoint",
-                                           "gpu", "tiles", "cpu"],
+                                           "gpu", "tiles", "cpu", "hlo"],
                           "What to benchmark.")
 _TARGETS = flags.DEFINE_list("targets", ["a100", "h100", "tpu-v4:1x1x1", "tpu-v5e:1x1", "tpu-v5p:1x1x1",
                                          "tpu-v6e:1x1"], "kernels: compile-only targets (haiku_gpt.aot.targets).")
+_HLO_TARGET = flags.DEFINE_string("hlo_target", "h100", "hlo: the compile-only target (haiku_gpt.aot.targets).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "kernels: input dtypes.")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["16", "32", "64", "128", "256"], "kernels: head dims.")
 _KERNEL_SEQS = flags.DEFINE_list("kernel_seqs", [], "kernels: sequence lengths (default: per platform, "
@@ -318,6 +322,30 @@ def bench_kernels() -> dict:
     return {"rows": rows, "failed": len(failed), "summary": kernel_matrix.summary_markdown(rows)}
 
 
+def bench_hlo(config, vocab: int, target: str) -> dict:
+    """The train step compiled for `target` without its hardware: its kernels and the bytes they move per
+    call, by category (gpu_bench.hlo_breakdown), for dtype=auto as that target would run it."""
+    from haiku_gpt.aot import targets  # noqa: PLC0415 (the aot extra is optional)
+
+    mesh = targets.make_mesh(targets.parse_target(target))
+    config = resolved(config, mesh)
+    steps = make_steps(config, vocab, mesh)
+    tokens = jax.ShapeDtypeStruct((config.steps_per_call, config.gradient_accumulation_steps, config.batch_size,
+                                   config.block_size), jnp.int32)
+    compiled = targets.compile_for(target, steps.train_steps, steps.abstract_state(), tokens, tokens).compiled
+    result = {"target": target, "attention": attention_desc(config), "dtype": config.dtype,
+              "tokens_per_call": math.prod(tokens.shape), **gpu_bench.hlo_breakdown(compiled.as_text())}
+    print(f"train step for {target} ({result['attention']}, {config.dtype}, {result['tokens_per_call']:,} tokens a "
+          f"call): {result['kernels']:,} kernels move {result['total_gb']:.2f} GB")
+    print("| category | kernels | GB |\n|---|---|---|")
+    for category, gb in result["gb_per_call"].items():
+        print(f"| {category} | {result['kernels_per_call'][category]:,} | {gb:.2f} |")
+    print("| kernel | opcode | launches | GB |\n|---|---|---|---|")
+    for k in result["top_kernels"][:15]:
+        print(f"| {k['name']} | {k['opcode']} | {k['launches']} | {k['gb']:.2f} |")
+    return result
+
+
 def _config_path() -> str:
     for i, arg in enumerate(sys.argv):
         if arg.startswith("--config="):
@@ -385,6 +413,8 @@ def main(argv):
               f"{med['nanogpt_allocator_tuned']:.2f} ({result['speedup_vs_nanogpt_allocator_tuned']:.2f}x)")
     elif what == "kernels":
         result = bench_kernels()
+    elif what == "hlo":
+        result = bench_hlo(_CONFIG.value, _VOCAB.value, _HLO_TARGET.value)
     elif what == "gpu":
         if jax.default_backend() != "gpu":
             raise app.UsageError(f"--what=gpu measures an NVIDIA GPU, and this machine runs JAX on "

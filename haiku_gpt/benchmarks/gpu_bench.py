@@ -437,6 +437,25 @@ def gpu_time_breakdown(trace_json: str, steps_traced: int, float32_fusions: set[
             "first_to_last_kernel_ms_per_step": first_to_last / steps_traced}
 
 
+def hlo_breakdown(hlo_text: str) -> dict:
+    """What one call of a compiled program moves, by the trace breakdown's categories, read from its
+    optimized HLO (`haiku_gpt.aot.targets.kernel_traffic`: no GPU needed): kernels and GB per call, and the
+    30 kernels that move the most."""
+    from haiku_gpt.aot.targets import kernel_traffic  # noqa: PLC0415
+
+    float32_fusions = float32_gemm_fusions(hlo_text)
+    gb, counts = dict.fromkeys(CATEGORIES, 0.0), dict.fromkeys(CATEGORIES, 0)
+    for kernel in (kernels := kernel_traffic(hlo_text)):
+        category = "copies" if kernel.opcode == "copy" else _category(kernel.name.replace(".", "_"), float32_fusions)
+        gb[category] += kernel.launches * kernel.bytes / 1e9
+        counts[category] += kernel.launches
+    top = sorted(kernels, key=lambda k: -k.launches * k.bytes)[:30]
+    return {"gb_per_call": gb, "kernels_per_call": counts, "total_gb": sum(gb.values()),
+            "kernels": sum(counts.values()),
+            "top_kernels": [{"name": k.name, "opcode": k.opcode, "launches": k.launches,
+                             "gb": k.launches * k.bytes / 1e9} for k in top]}
+
+
 def profile_step(result: dict, out_dir: str, steps_traced: int = 3) -> dict:
     """Trace `steps_traced` train steps (compiled already by train_step_speed) and break their GPU time down."""
     steps, state, batch = result["steps"], result["state"], result["batch"]
