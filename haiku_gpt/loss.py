@@ -125,7 +125,8 @@ def chunked_cross_entropy(
     """mean over tokens of -log softmax(x @ embeddings^T)[label], differentiable in x and embeddings.
 
     The GEMMs run on operands of x's dtype (embeddings are cast to it) with float32 accumulation, the
-    logits are rounded to x's dtype; the softmax and the loss are float32. `chunk`: tokens per chunk (0: `chunk_tokens`' automatic choice).
+    logits are rounded to x's dtype; the softmax and the loss are float32. `chunk`: tokens per chunk
+    (0: `chunk_tokens`' automatic choice).
     """
     if x.ndim != 2 or embeddings.ndim != 2 or x.shape[1] != embeddings.shape[1] or labels.shape != x.shape[:1]:
         raise ValueError(f"chunked_cross_entropy takes x [N, C], embeddings [V, C] and labels [N]; got "

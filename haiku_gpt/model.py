@@ -165,19 +165,20 @@ class CausalSelfAttention(hk.Module):
         std_proj = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual init
         # [q: H D | k: KVH D | v: KVH D]; with KVH = H exactly GPT-2's [C, 3C] c_attn.
         qkv = hk.Linear(width + 2 * kv_width, with_bias=cfg.bias, w_init=_normal(0.02), name="c_attn")(x)
-        q = qkv[:, :width].reshape(batch_size, seq, cfg.n_head, cfg.head_dim)  # [B, T, H, D]
-        k = qkv[:, width:width + kv_width].reshape(batch_size, seq, cfg.kv_heads, cfg.head_dim)  # [B, T, KVH, D]
-        v = qkv[:, width + kv_width:].reshape(batch_size, seq, cfg.kv_heads, cfg.head_dim)
+        qkv = qkv.reshape(batch_size, seq, cfg.n_head + 2 * cfg.kv_heads, cfg.head_dim)  # [B, T, H + 2 KVH, D]
+        q, k, v = kernels.split_qkv(qkv, cfg.kv_heads)  # [B, T, H, D], [B, T, KVH, D] x 2
 
         if cache is None:
             dropout_rate = cfg.dropout if is_training else 0.0
             seed = None
             if dropout_rate > 0.0:
                 seed = jax.random.bits(hk.next_rng_key(), dtype=jnp.uint32)
-            attend = (functools.partial(kernels.cross_checked_attention, layer=self.module_name)
-                      if cfg.check_attention else kernels.attention)  # --config.check_attention: chex vs reference
-            y = attend(q, k, v, impl=cfg.attention_impl, causal=True, dropout_rate=dropout_rate, dropout_seed=seed,
-                       segment_ids=segment_ids, kernel_family=cfg.kernel_family)
+            options = dict(impl=cfg.attention_impl, causal=True, dropout_rate=dropout_rate, dropout_seed=seed,
+                           segment_ids=segment_ids, kernel_family=cfg.kernel_family)
+            if cfg.check_attention:  # --config.check_attention: chex against the reference
+                y = kernels.cross_checked_attention(q, k, v, layer=self.module_name, **options)
+            else:  # pallas reads q, k and v out of qkv: XLA copies none of them out
+                y = kernels.attention_qkv(qkv, cfg.kv_heads, **options)
         else:
             # Decoding: write this step's keys/values at their positions of this layer's
             # cache (in place: only T positions are written), then attend over the cache.

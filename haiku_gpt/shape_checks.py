@@ -21,14 +21,17 @@ import haiku as hk
 import jaxtyping
 
 # Kernel functions checked during the preflight: (module name, attribute). Both the package's
-# re-exports (what model.py calls, `kernels.attention(...)`) and the defining modules' globals
-# (what the dispatcher calls) are patched.
+# re-exports (what model.py calls, `kernels.attention_qkv(...)`) and the defining modules' globals
+# (what the dispatcher calls: `attention_qkv` calls `attention`) are patched.
 _KERNEL_FUNCTIONS = (
     ("haiku_gpt.kernels", "attention"),
+    ("haiku_gpt.kernels", "attention_qkv"),
     ("haiku_gpt.kernels", "reference_attention"),
     ("haiku_gpt.kernels", "cached_attention"),
+    ("haiku_gpt.kernels.attention", "attention"),
     ("haiku_gpt.kernels.attention", "reference_attention"),
     ("haiku_gpt.kernels.flash_attention", "flash_attention"),
+    ("haiku_gpt.kernels.flash_attention", "flash_attention_qkv"),
     ("haiku_gpt.kernels.reference", "dropout_keep_mask"),
 )
 _CHECKED_MODULE_PREFIXES = ("haiku_gpt.",)  # hk.Module classes whose methods are checked

@@ -11,10 +11,11 @@ shape checks.
 from haiku_gpt.names import gave_way
 
 if not gave_way(__name__, __file__):  # imported as the top-level `kernels`: another package's name
-    from haiku_gpt.kernels.attention import (ATTENTION_IMPLS, attention, check_attention_impl,
+    from haiku_gpt.kernels.attention import (ATTENTION_IMPLS, attention, attention_qkv, check_attention_impl,
                                              cross_checked_attention)
     from haiku_gpt.kernels.dropout import element_keep_mask
-    from haiku_gpt.kernels.reference import blocked_causal_attention, cached_attention, reference_attention
+    from haiku_gpt.kernels.reference import (blocked_causal_attention, cached_attention, reference_attention,
+                                             split_qkv)
 
-__all__ = ["ATTENTION_IMPLS", "attention", "blocked_causal_attention", "cached_attention", "check_attention_impl",
-           "cross_checked_attention", "element_keep_mask", "reference_attention"]
+__all__ = ["ATTENTION_IMPLS", "attention", "attention_qkv", "blocked_causal_attention", "cached_attention",
+           "check_attention_impl", "cross_checked_attention", "element_keep_mask", "reference_attention", "split_qkv"]

@@ -34,6 +34,7 @@ from haiku_gpt.kernels.reference import (
     default_scale,
     reference_attention,
     segment_mask,
+    split_qkv,
 )
 
 ATTENTION_IMPLS = ("reference", "blocked", "xla", "cudnn", "pallas")
@@ -118,6 +119,31 @@ def attention(
     segments = {} if segment_ids is None else {"segment_ids": segment_ids}
     return flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, dropout_rate=dropout_rate,
                            dropout_seed=dropout_seed, family=kernel_family, **segments)
+
+
+def attention_qkv(
+    qkv: Float[Array, "batch seq qkv_heads head_dim"],
+    kv_heads: int,
+    *,
+    impl: str = "reference",
+    causal: bool = True,
+    dropout_rate: float = 0.0,
+    dropout_seed: Int[Array, ""] | UInt32[Array, ""] | int | None = None,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    kernel_family: str = "auto",
+) -> Float[Array, "batch seq heads head_dim"]:
+    """`attention` of the q, k and v heads of one fused projection: `qkv` is [q | k | v] heads along axis 2,
+    [B, T, H + 2 KVH, D]. `pallas` reads the three out of `qkv` in place (`flash_attention_qkv`: no copies
+    of them in XLA); the other implementations take them as slices."""
+    q, k, v = split_qkv(qkv, kv_heads)
+    if impl != "pallas":
+        return attention(q, k, v, impl=impl, causal=causal, dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+                         segment_ids=segment_ids, kernel_family=kernel_family)
+    check_attention_impl(impl, dropout_rate, kernel_family=kernel_family)
+    check_attention_inputs(q, k, v, segment_ids)
+    from haiku_gpt.kernels.flash_attention import flash_attention_qkv  # noqa: PLC0415 (Pallas import is slow)
+    return flash_attention_qkv(qkv, kv_heads, causal=causal, dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+                               segment_ids=segment_ids, family=kernel_family)
 
 
 def cross_checked_attention(

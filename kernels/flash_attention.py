@@ -10,10 +10,14 @@ Shape glossary
   lse  per-row logsumexp of the scaled scores, [B, H, Tp, 1] float32
   delta  rowsum(dO * O), [B, H, Tp, 1] float32 (backward only)
 
-The public layout is `[B, T, H, D]`; the kernels see `[B, H, Tp, Dp]` ("heads
-major") so that one (batch, head) pair is a contiguous `[Tp, Dp]` matrix and
-every block's last two dims are (rows, head dim), which is what the TPU tiling
-rules want. The transposes and pads live in XLA and are linear in T.
+The public layout is `[B, T, H, D]`. The GPU kernels (and the interpreter's
+default) read and write it as it is, heads a squeezed block dimension; the TPU
+kernels see `[B, H, Tp, Dp]` ("heads major"), so that every block's last two
+dims are (rows, head dim), which is what the TPU tiling rules want. Transposes
+and pads, where needed, live in XLA and are linear in T. `flash_attention_qkv`
+takes q, k and v as one `[B, T, H + 2 KVH, D]` array (the model's fused qkv
+projection), which the GPU kernels read in place: their BlockSpecs start at
+heads 0, H and H + KVH.
 
 Algorithm (https://arxiv.org/abs/2307.08691)
   forward: one `[bq, Dp]` query block walks the key blocks left to right with
@@ -109,7 +113,7 @@ from jaxtyping import Array, Float, Int, UInt32
 
 from haiku_gpt.kernels.families import check_kernel_family, is_hopper
 from haiku_gpt.kernels.dropout import keep_mask, keep_threshold, row_hash
-from haiku_gpt.kernels.reference import MASK_VALUE, default_scale, reference_attention, segment_spans
+from haiku_gpt.kernels.reference import MASK_VALUE, default_scale, reference_attention, segment_spans, split_qkv
 
 MAX_HEAD_DIM = 256  # the GPU tiles are tuned up to a padded head_dim of 256
 
@@ -130,6 +134,7 @@ class _Options:
     interpret: bool | None
     debug_poison: bool
     streamed: bool | None = None  # interpreter only: run the TPU (grid-streamed) kernels
+    qkv_heads: tuple[int, int] | None = None  # (H, KVH): q, k and v are one [B, T, H + 2 KVH, D] array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -735,27 +740,31 @@ class _Specs:
 
     Grids start (B, H, ...). `group` query heads share one K/V head (grouped-query attention):
     query head h reads K/V head h // group, and dK/dV come out per query head (summed in XLA).
+    `first`: the head of its array where an operand's heads start (k's and v's in a fused
+    [B, T, H + 2 KVH, D] qkv, `_qkv_to_kernel_layout`); 0 for an array of its own.
     """
 
     heads_major: bool
     group: int = 1
 
-    def _spec(self, block, width, row, head) -> pl.BlockSpec:
+    def _spec(self, block, width, row, head, first: int = 0) -> pl.BlockSpec:
+        at = (lambda h: head(h) + first) if first else head
         if self.heads_major:  # [B, H, Tp, width]
-            return pl.BlockSpec((None, None, block, width), lambda b, h, *rest: (b, head(h), row(b, h, *rest), 0))
-        return pl.BlockSpec((None, block, None, width), lambda b, h, *rest: (b, row(b, h, *rest), head(h), 0))
+            return pl.BlockSpec((None, None, block, width), lambda b, h, *rest: (b, at(h), row(b, h, *rest), 0))
+        return pl.BlockSpec((None, block, None, width), lambda b, h, *rest: (b, row(b, h, *rest), at(h), 0))
 
-    def rows(self, block: int, width: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+    def rows(self, block: int, width: int, index: Callable = lambda b, h, i, *_: i, first: int = 0) -> pl.BlockSpec:
         """Block `index(b, h, *grid)` of query head h's rows (q, o, dO, dQ, and the per-head dK/dV)."""
-        return self._spec(block, width, index, lambda h: h)
+        return self._spec(block, width, index, lambda h: h, first)
 
-    def kv_rows(self, block: int, width: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
+    def kv_rows(self, block: int, width: int, index: Callable = lambda b, h, i, *_: i,
+                first: int = 0) -> pl.BlockSpec:
         """Block `index(b, h, *grid)` of the rows of the K/V head query head h reads."""
-        return self._spec(block, width, index, self._kv_head)
+        return self._spec(block, width, index, self._kv_head, first)
 
-    def all_rows(self, seq_padded: int, width: int, kv: bool = False) -> pl.BlockSpec:
+    def all_rows(self, seq_padded: int, width: int, kv: bool = False, first: int = 0) -> pl.BlockSpec:
         """All rows of one (batch, head): the kernel slices its own blocks in a loop."""
-        return self._spec(seq_padded, width, lambda *_: 0, self._kv_head if kv else (lambda h: h))
+        return self._spec(seq_padded, width, lambda *_: 0, self._kv_head if kv else (lambda h: h), first)
 
     def _kv_head(self, h):
         # lax.div: truncating division, which Mosaic TPU lowers without the sign op of `//`.
@@ -824,6 +833,34 @@ def _to_kernel_layout(x, geom: _Geometry, heads_major: bool):
     return jnp.swapaxes(x, 1, 2) if heads_major else x
 
 
+def _qkv_to_kernel_layout(q, k, v, geom: _Geometry, backend: _Backend, opts: _Options):
+    """q, k, v in the kernels' layout and the head each one's heads start at. With `opts.qkv_heads` all
+    three are one fused [B, T, H + 2 KVH, D] array, which the kernels read in place (starting at heads 0,
+    H and H + KVH) when the layout needs no copy anyway (token-major, nothing to pad); otherwise it is
+    sliced first."""
+    if opts.qkv_heads is None:
+        return tuple(_to_kernel_layout(x, geom, backend.heads_major) for x in (q, k, v)), (0, 0, 0)
+    heads, kv_heads = opts.qkv_heads
+    firsts = (0, heads, heads + kv_heads)
+    padded = (geom.seq_padded, geom.head_dim_padded) != (geom.seq_len, geom.head_dim)
+    if not backend.heads_major and not padded:
+        return (q, k, v), firsts
+    q, k, v = (x[:, :, first:first + n] for x, first, n in zip((q, k, v), firsts, (heads, kv_heads, kv_heads)))
+    return tuple(_to_kernel_layout(x, geom, backend.heads_major) for x in (q, k, v)), (0, 0, 0)
+
+
+def _kernel_shape(geom: _Geometry, batch: int, heads: int, heads_major: bool) -> tuple[int, ...]:
+    """The shape of a q-like array (o, dQ, per-head dK/dV) in the kernels' layout."""
+    if heads_major:
+        return (batch, heads, geom.seq_padded, geom.head_dim_padded)
+    return (batch, geom.seq_padded, heads, geom.head_dim_padded)
+
+
+def _heads(q, k, opts: _Options) -> tuple[int, int]:
+    """(H, KVH): from q and k, or from `opts.qkv_heads` when they are one fused array."""
+    return opts.qkv_heads or (q.shape[2], k.shape[2])
+
+
 def _from_kernel_layout(x, geom: _Geometry, heads_major: bool):
     """The kernels' layout -> [B, T, H, D], the padding cut off."""
     if heads_major:
@@ -878,10 +915,11 @@ def _row(block: int, index: Callable = lambda b, h, i, *_: i) -> pl.BlockSpec:
 
 def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids=None):
     """O [B, T, H, D] and lse [B, H, T] on one backend."""
-    batch, seq_len, heads, head_dim = q.shape
+    batch, seq_len, _, head_dim = q.shape
+    heads, kv_heads = _heads(q, k, opts)
     geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype)
-    specs = _Specs(backend.heads_major, heads // k.shape[2])
-    qp, kp, vp = (_to_kernel_layout(x, geom, backend.heads_major) for x in (q, k, v))
+    specs = _Specs(backend.heads_major, heads // kv_heads)
+    (qp, kp, vp), (q0, k0, v0) = _qkv_to_kernel_layout(q, k, v, geom, backend, opts)
     bq, bk, dp = geom.block_q, geom.block_k, geom.head_dim_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
@@ -897,27 +935,29 @@ def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids=No
             seg_specs = [_column(bq), _row(geom.seq_padded, lambda *_: 0), _column(bq), _column(bq)]
     common = dict(name="flash_attention_forward", sizes=sizes, out_specs=[specs.rows(bq, dp), specs.stats(bq)],
                   seed=seed, inputs=inputs,
-                  out_shapes=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                  out_shapes=[jax.ShapeDtypeStruct(_kernel_shape(geom, batch, heads, backend.heads_major), q.dtype),
                               jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)])
     if backend.streamed:
         keys = lambda b, h, i, j: jnp.minimum(j, _last_k_block(i, opts.causal, geom))
         o, lse = _pallas(
             backend, opts, functools.partial(_streamed_forward_kernel, **static),
             grid=(batch, heads, geom.num_q_blocks, geom.num_k_blocks),
-            in_specs=[specs.rows(bq, dp), specs.kv_rows(bk, dp, keys), specs.kv_rows(bk, dp, keys), *seg_specs],
+            in_specs=[specs.rows(bq, dp, first=q0), specs.kv_rows(bk, dp, keys, k0), specs.kv_rows(bk, dp, keys, v0),
+                      *seg_specs],
             scratch_shapes=[_vmem((bq, dp)), _vmem((bq, 1)), _vmem((bq, 1))], **common)
     else:
         o, lse = _pallas(
             backend, opts, functools.partial(_forward_kernel, **static),
             grid=(batch, heads, geom.num_q_blocks),
-            in_specs=[specs.rows(bq, dp), specs.all_rows(geom.seq_padded, dp, kv=True),
-                      specs.all_rows(geom.seq_padded, dp, kv=True), *seg_specs], **common)
+            in_specs=[specs.rows(bq, dp, first=q0), specs.all_rows(geom.seq_padded, dp, kv=True, first=k0),
+                      specs.all_rows(geom.seq_padded, dp, kv=True, first=v0), *seg_specs], **common)
     return _from_kernel_layout(o, geom, backend.heads_major), lse[:, :, :seq_len, 0]
 
 
 def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
-             qp, kp, vp, dop, lsep, delta, segs: _Segments | None):
-    """dK, dV in kernel layout, one per query head: per key block, over the query blocks that see it."""
+             qp, kp, vp, firsts, dop, lsep, delta, segs: _Segments | None):
+    """dK, dV in kernel layout, one per query head: per key block, over the query blocks that see it.
+    `firsts`: the heads where q's, k's and v's heads start in qp, kp, vp (`_qkv_to_kernel_layout`)."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
@@ -939,27 +979,29 @@ def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSiz
         else:
             inputs += [segs.ids_row, segs.ids, segs.first, segs.last]
             seg_specs = [_row(bk), _column(tp, lambda *_: 0), _column(bk), _column(bk)]
+    q0, k0, v0 = firsts
+    shape = _kernel_shape(geom, qp.shape[0], lsep.shape[1], backend.heads_major)
     common = dict(name="flash_attention_dkdv", sizes=sizes, seed=seed, inputs=inputs,
-                  out_shapes=[jax.ShapeDtypeStruct(qp.shape, out_dtype)] * 2)
+                  out_shapes=[jax.ShapeDtypeStruct(shape, out_dtype)] * 2)
     if backend.streamed:
         return _pallas(
             backend, opts, functools.partial(_streamed_dkdv_kernel, **static),
             grid=(qp.shape[0], lsep.shape[1], geom.num_k_blocks, geom.num_q_blocks),
-            in_specs=[specs.rows(bq, dp, queries), specs.kv_rows(bk, dp, keys),
-                      specs.kv_rows(bk, dp, keys), specs.rows(bq, dp, queries),
+            in_specs=[specs.rows(bq, dp, queries, q0), specs.kv_rows(bk, dp, keys, k0),
+                      specs.kv_rows(bk, dp, keys, v0), specs.rows(bq, dp, queries),
                       specs.stats(bq, queries), specs.stats(bq, queries), *seg_specs],
             out_specs=[specs.rows(bk, dp, keys), specs.rows(bk, dp, keys)],
             scratch_shapes=[_vmem((bk, dp)), _vmem((bk, dp))], **common)
     return _pallas(
         backend, opts, functools.partial(_dkdv_kernel, **static),
         grid=(qp.shape[0], lsep.shape[1], geom.num_k_blocks),
-        in_specs=[specs.all_rows(tp, dp), specs.kv_rows(bk, dp), specs.kv_rows(bk, dp),
+        in_specs=[specs.all_rows(tp, dp, first=q0), specs.kv_rows(bk, dp, first=k0), specs.kv_rows(bk, dp, first=v0),
                   specs.all_rows(tp, dp), specs.all_stats(tp), specs.all_stats(tp), *seg_specs],
         out_specs=[specs.rows(bk, dp), specs.rows(bk, dp)], **common)
 
 
 def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
-           qp, kp, vp, dop, lsep, delta, segs: _Segments | None):
+           qp, kp, vp, firsts, dop, lsep, delta, segs: _Segments | None):
     """dQ in kernel layout: per query block, over the key blocks it sees (like the forward)."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
@@ -974,32 +1016,36 @@ def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes
         else:
             inputs += [segs.ids, segs.ids_row, segs.first, segs.last]
             rows += [_column(bq), _row(tp, lambda *_: 0), _column(bq), _column(bq)]
+    q0, k0, v0 = firsts
+    shape = _kernel_shape(geom, qp.shape[0], lsep.shape[1], backend.heads_major)
     common = dict(name="flash_attention_dq", sizes=sizes, seed=seed,
                   inputs=inputs, out_specs=[specs.rows(bq, dp)],
-                  out_shapes=[jax.ShapeDtypeStruct(qp.shape, qp.dtype)])
+                  out_shapes=[jax.ShapeDtypeStruct(shape, qp.dtype)])
     if backend.streamed:
         (dq,) = _pallas(
             backend, opts, functools.partial(_streamed_dq_kernel, **static),
             grid=(qp.shape[0], lsep.shape[1], geom.num_q_blocks, geom.num_k_blocks),
-            in_specs=[specs.rows(bq, dp), specs.kv_rows(bk, dp, keys), specs.kv_rows(bk, dp, keys), *rows],
+            in_specs=[specs.rows(bq, dp, first=q0), specs.kv_rows(bk, dp, keys, k0), specs.kv_rows(bk, dp, keys, v0),
+                      *rows],
             scratch_shapes=[_vmem((bq, dp))], **common)
     else:
         (dq,) = _pallas(
             backend, opts, functools.partial(_dq_kernel, **static),
             grid=(qp.shape[0], lsep.shape[1], geom.num_q_blocks),
-            in_specs=[specs.rows(bq, dp), specs.all_rows(tp, dp, kv=True), specs.all_rows(tp, dp, kv=True),
-                      *rows],
+            in_specs=[specs.rows(bq, dp, first=q0), specs.all_rows(tp, dp, kv=True, first=k0),
+                      specs.all_rows(tp, dp, kv=True, first=v0), *rows],
             **common)
     return dq
 
 
 def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids, o, lse, do):
     """(dQ [B, T, H, D], dK, dV [B, T, KVH, D]) on one backend."""
-    batch, seq_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    batch, seq_len, _, head_dim = q.shape
+    heads, kv_heads = _heads(q, k, opts)
     geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype, backward=True)
     specs = _Specs(backend.heads_major, heads // kv_heads)
-    qp, kp, vp, op, dop = (_to_kernel_layout(x, geom, backend.heads_major) for x in (q, k, v, o, do))
+    (qp, kp, vp), firsts = _qkv_to_kernel_layout(q, k, v, geom, backend, opts)
+    op, dop = (_to_kernel_layout(x, geom, backend.heads_major) for x in (o, do))
     lsep = _rows_to_kernel_layout(lse, geom)
     bq, dp = geom.block_q, geom.head_dim_padded
     (delta,) = _pallas(
@@ -1009,7 +1055,7 @@ def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids, 
         out_shapes=[jax.ShapeDtypeStruct((batch, heads, geom.seq_padded, 1), jnp.float32)],
         inputs=[op, dop])
     segs = None if segment_ids is None else _Segments.build(segment_ids, geom)
-    args = (backend, opts, geom, sizes, specs, seed, qp, kp, vp, dop, lsep, delta, segs)
+    args = (backend, opts, geom, sizes, specs, seed, qp, kp, vp, firsts, dop, lsep, delta, segs)
     dk, dv = _dkdv_on(*args)
     dq = _dq_on(*args)
     dq, dk, dv = (_from_kernel_layout(x, geom, backend.heads_major) for x in (dq, dk, dv))
@@ -1059,6 +1105,26 @@ def _flash_bwd(opts: _Options, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash_qkv(qkv, seed, segment_ids, opts: _Options):
+    """`_flash` of one fused [B, T, H + 2 KVH, D] array (`opts.qkv_heads`): its cotangent is one array too."""
+    return _per_platform(opts, _forward_on, qkv, qkv, qkv, seed, segment_ids)[0]
+
+
+def _flash_qkv_fwd(qkv, seed, segment_ids, opts: _Options):
+    o, lse = _per_platform(opts, _forward_on, qkv, qkv, qkv, seed, segment_ids)
+    return o, (qkv, seed, segment_ids, o, lse)
+
+
+def _flash_qkv_bwd(opts: _Options, residuals, do):
+    qkv, seed, segment_ids, o, lse = residuals
+    dq, dk, dv = _per_platform(opts, _backward_on, qkv, qkv, qkv, seed, segment_ids, o, lse, do)
+    return jnp.concatenate([dq, dk, dv], axis=2), None, None
+
+
+_flash_qkv.defvjp(_flash_qkv_fwd, _flash_qkv_bwd)
+
+
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
@@ -1080,6 +1146,7 @@ def flash_attention(
     family: str = "auto",
     _debug_poison: bool = False,
     _streamed: bool = False,
+    _qkv: Float[Array, "batch q_len qkv_heads head_dim"] | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """softmax(q k^T * sm_scale [+ causal mask]) v as a fused Pallas kernel, differentiable.
 
@@ -1114,6 +1181,7 @@ def flash_attention(
         elements a kernel forgets to write).
       _streamed: in the interpreter, run the TPU kernels (K/V streamed through
         the grid) instead of the GPU ones (tests only).
+      _qkv: the fused array q, k and v were split from (`flash_attention_qkv`).
 
     If `q_len != kv_len` (decoding with a prefix) the fused kernel is not used:
     this falls back to `kernels.reference.reference_attention`, whose causal
@@ -1158,12 +1226,34 @@ def flash_attention(
     # scalars on TPU). Without dropout it is a dummy that the kernels never read.
     seed = jnp.asarray(dropout_seed if dropout_rate > 0.0 else 0).astype(jnp.uint32)
     seed = jnp.stack([seed, jnp.uint32(0)])
-    # flash(q, k, v, seed, segment_ids): this module's kernels, or the Hopper family's.
-    flash = _mosaic_gpu(q, opts) if family == "mosaic_gpu" else lambda *args: _flash(*args, opts)
+    # flash(*operands, seed, segment_ids): this module's kernels, or the Hopper family's.
+    if _qkv is not None and family == "auto":  # the kernels read q, k and v out of _qkv
+        opts = dataclasses.replace(opts, qkv_heads=(q.shape[2], k.shape[2]))
+        flash, operands = (lambda *args: _flash_qkv(*args, opts)), (_qkv,)
+    else:
+        flash = _mosaic_gpu(q, opts) if family == "mosaic_gpu" else lambda *args: _flash(*args, opts)
+        operands = (q, k, v)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return flash(q, k, v, seed, segment_ids)
-    return _sharded_over_batch(mesh, flash, q, k, v, seed, segment_ids)
+        return flash(*operands, seed, segment_ids)
+    return _sharded_over_batch(mesh, flash, operands, seed, segment_ids)
+
+
+def flash_attention_qkv(
+    qkv: Float[Array, "batch seq qkv_heads head_dim"],
+    kv_heads: int,
+    **kwargs: Any,
+) -> Float[Array, "batch seq heads head_dim"]:
+    """`flash_attention` of the heads of one fused projection: `qkv` is [q heads | k heads | v heads],
+    `[B, T, H + 2 KVH, D]` (GPT-2's c_attn output reshaped), `kwargs` flash_attention's keywords.
+
+    Where their layout allows (Triton and the interpreter's GPU kernels, T and D needing no padding) the
+    kernels read q, k and v straight out of `qkv` (BlockSpecs starting at heads 0, H and H + KVH), so
+    XLA copies nothing out of it: three slices were three copies of the activations a layer, forward
+    only (the gradient, d(qkv), still concatenates dQ, dK and dV). Elsewhere it slices first.
+    """
+    q, k, v = split_qkv(qkv, kv_heads)
+    return flash_attention(q, k, v, _qkv=qkv, **kwargs)
 
 
 def _mosaic_gpu(q, opts: _Options) -> Callable:
@@ -1197,7 +1287,7 @@ def _mosaic_gpu_interprets(interpret: bool | None) -> bool:
     return False
 
 
-def _sharded_over_batch(mesh, flash: Callable, q, k, v, seed, segment_ids=None):
+def _sharded_over_batch(mesh, flash: Callable, operands: tuple, seed, segment_ids=None):
     """Under a device mesh (data-parallel training), each device runs the kernel on its batch rows.
 
     XLA cannot partition a Pallas custom call ("Mosaic kernels cannot be
@@ -1207,15 +1297,17 @@ def _sharded_over_batch(mesh, flash: Callable, q, k, v, seed, segment_ids=None):
     global batch index, as on one device.
     """
     axes = tuple(mesh.axis_names)
-    if q.shape[0] % mesh.size:
+    batch = operands[0].shape[0]
+    if batch % mesh.size:
         raise ValueError(f"flash_attention under a mesh of {mesh.size} devices splits the batch over "
-                         f"them, and batch {q.shape[0]} does not divide: use a multiple of {mesh.size}")
+                         f"them, and batch {batch} does not divide: use a multiple of {mesh.size}")
     rows = jax.sharding.PartitionSpec(axes)
 
-    def local(q, k, v, seed, segment_ids):
-        offset = lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(q.shape[0])
-        return flash(q, k, v, seed.at[1].add(offset), segment_ids)
+    def local(operands, seed, segment_ids):  # operands: (q, k, v) or (qkv,), this device's rows
+        offset = lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(operands[0].shape[0])
+        return flash(*operands, seed.at[1].add(offset), segment_ids)
 
     segment_spec = None if segment_ids is None else rows
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec(), segment_spec),
-                         out_specs=rows, check_vma=False)(q, k, v, seed, segment_ids)
+    in_specs = ((rows,) * len(operands), jax.sharding.PartitionSpec(), segment_spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows,
+                         check_vma=False)(tuple(operands), seed, segment_ids)

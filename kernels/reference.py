@@ -53,6 +53,16 @@ def kv_group(heads: int, kv_heads: int) -> int:
     return heads // kv_heads
 
 
+def split_qkv(qkv: Float[Array, "B T HKV D"], kv_heads: int) -> tuple[Array, Array, Array]:
+    """q [B, T, H, D], k and v [B, T, KVH, D] out of one fused projection's heads, [q | k | v] along axis 2
+    (GPT-2's c_attn output reshaped to [B, T, H + 2 KVH, D]); ValueError, naming the fix, if that cannot be."""
+    heads = qkv.shape[2] - 2 * kv_heads if qkv.ndim == 4 else 0
+    if kv_heads < 1 or heads < 1 or heads % kv_heads:
+        raise ValueError(f"qkv must be [B, T, H + 2 KVH, D] with KVH = kv_heads dividing H; got {qkv.shape} with "
+                         f"kv_heads={kv_heads}: reshape the fused projection to heads and pass its K/V head count")
+    return qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
+
+
 def check_attention_inputs(q, k, v, segment_ids=None) -> int:
     """ValueError for q/k/v (and segment ids) that do not fit together; returns the group size G."""
     if k.shape != v.shape:

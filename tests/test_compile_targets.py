@@ -227,6 +227,16 @@ _LOOP_HLO = """HloModule m
   ROOT %lt = pred[] compare(%i.1, %i.1), direction=LT
 }
 
+%br0 (x0: f32[8]) -> f32[8] {
+  %x0 = f32[8]{0} parameter(0)
+  ROOT %neg = f32[8]{0} negate(%x0)
+}
+
+%br1 (x1: f32[8]) -> f32[8] {
+  %x1 = f32[8]{0} parameter(0)
+  ROOT %abs = f32[8]{0} abs(%x1)
+}
+
 ENTRY %main (a: f32[8], b: f32[8,4], c: f32[2]) -> bf16[8] {
   %a = f32[8]{0} parameter(0)
   %b = f32[8,4]{1,0} parameter(1)
@@ -235,7 +245,9 @@ ENTRY %main (a: f32[8], b: f32[8,4], c: f32[2]) -> bf16[8] {
   %t0 = (s32[], f32[8]{0}, f32[8,4]{1,0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}) tuple(%zero, %a, %b, %c, %c, /*index=5*/%c)
   %loop = (s32[], f32[8]{0}, f32[8,4]{1,0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %y = f32[8]{0} get-tuple-element(%loop), index=1
-  %k = f32[8]{0} custom-call(%y), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/attn/flash_attention_forward/pallas_call"}
+  %one = s32[] constant(1)
+  %branched = f32[8]{0} conditional(%one, %y, %y), branch_computations={%br0, %br1}
+  %k = f32[8]{0} custom-call(%branched, %branched), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/attn/flash_attention_forward/pallas_call"}
   ROOT %z = bf16[8]{0} convert(%k)
 }
 """
@@ -243,12 +255,14 @@ ENTRY %main (a: f32[8], b: f32[8,4], c: f32[2]) -> bf16[8] {
 
 def test_kernel_traffic_counts_a_loops_body_per_trip_and_the_bytes_each_kernel_moves():
     """The kernels of a module: the while body's once per known trip (not its condition, not the fusion's own
-    computation), each with its operands read whole and its result written; a Pallas call named as a GPU
-    trace names it; tuples longer than five (their `/*index=5*/` marks) parsed."""
+    computation), a conditional's branches once each, each kernel with its operands read whole (an array
+    passed twice, once) and its result written; a Pallas call named as a GPU trace names it; tuples longer
+    than five (their `/*index=5*/` marks) parsed."""
     kernels = {k.name: k for k in targets.kernel_traffic(_LOOP_HLO)}
-    assert set(kernels) == {"r", "n", "flash_attention_forward", "z"}
+    assert set(kernels) == {"r", "n", "neg", "abs", "flash_attention_forward", "z"}
+    assert [(kernels[b].launches, kernels[b].bytes) for b in ("neg", "abs")] == [(1, 64)] * 2
     assert (kernels["r"].launches, kernels["r"].bytes) == (3, 4 * 8 + 4 * 8 + 4 * 32)
-    assert (kernels["n"].launches, kernels["n"].bytes) == (3, 4 + 4 + 4)
+    assert (kernels["n"].launches, kernels["n"].bytes) == (3, 4 + 4)  # add(%i, %i): %i read once
     assert (kernels["flash_attention_forward"].opcode, kernels["flash_attention_forward"].bytes) == ("custom-call", 64)
     assert (kernels["z"].launches, kernels["z"].bytes) == (1, 2 * 8 + 4 * 8)
 
@@ -297,9 +311,12 @@ def test_bf16_train_step_on_h100_runs_every_gemm_in_bf16(h100_bf16_step_ops):
 @needs_cuda
 def test_bf16_train_step_on_h100_has_no_layout_copies(h100_bf16_step_ops):
     """The Pallas kernels read q/k/v and write o (and their gradients) in the model's [B, T, H, D]: no
-    transposes around them. No copies of the float32 state either (params, AdamW's mu and nu: the update
-    writes the donated buffers in place); the chunked loss's scan copies only a bf16 chunk and counters."""
+    transposes around them, and no slices: they read q, k and v straight out of the c_attn GEMM's output
+    (`flash_attention_qkv`), where three slices copied them out. No copies of the float32 state either
+    (params, AdamW's mu and nu: the update writes the donated buffers in place); the chunked loss's scan
+    copies only a bf16 chunk and counters."""
     assert [op for op in h100_bf16_step_ops if op.opcode == "transpose"] == []
+    assert [op for op in h100_bf16_step_ops if op.opcode == "slice" and math.prod(op.shape) > 2] == []
     copies = [op for op in h100_bf16_step_ops if op.opcode == "copy" and op.dtype == "f32"]
     assert all(math.prod(op.shape) <= 1 for op in copies), copies
     kernels = [op for op in h100_bf16_step_ops if op.opcode == "custom-call"]

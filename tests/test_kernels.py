@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
 from haiku_gpt.kernels.dropout import dropout_keep_mask, element_keep_mask
-from haiku_gpt.kernels.flash_attention import flash_attention
-from haiku_gpt.kernels.reference import blocked_causal_attention, reference_attention
+from haiku_gpt.kernels.flash_attention import flash_attention, flash_attention_qkv
+from haiku_gpt.kernels.reference import blocked_causal_attention, reference_attention, split_qkv
 
 import haiku_gpt.kernels.flash_attention as fa  # noqa: E402 (the module, for its internals)
 
@@ -500,7 +500,7 @@ import functools, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, sys.argv[1])
-from haiku_gpt.kernels.flash_attention import flash_attention
+from haiku_gpt.kernels.flash_attention import flash_attention, flash_attention_qkv
 
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -523,13 +523,28 @@ one = jax.jit(value_and_grads)(q, k, v)
 many = sharded(q, k, v)
 for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+# The fused form (q, k, v read out of one [B, T, H + 2 KVH, D] array): one operand, one gradient.
+qkv = jax.random.normal(keys[0], (8, 32, 2 + 2 * 1, 16))
+fused = functools.partial(flash_attention_qkv, kv_heads=1, dropout_rate=0.3, dropout_seed=7, block_q=16, block_k=16)
+fused_grads = lambda qkv: jax.vjp(fused, qkv)[1](do[:, :32])
+
+def fused_under_mesh(qkv):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fused(qkv), fused_grads(qkv)
+
+one = jax.jit(lambda qkv: (fused(qkv), fused_grads(qkv)))(qkv)
+many = jax.jit(fused_under_mesh, in_shardings=(rows,))(qkv)
+for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 print("SHARDED OK")
 '''
 
 
 def test_under_a_mesh_each_device_runs_its_batch_rows_with_global_dropout_bits(tmp_path):
     """XLA cannot partition a Pallas call: under a 4-device mesh the kernel is shard_mapped
-    over the batch, and output and gradients (dropout included) equal one device's."""
+    over the batch, and output and gradients (dropout included) equal one device's; also for
+    flash_attention_qkv's one fused operand."""
     import subprocess
     import sys
     from pathlib import Path
@@ -650,3 +665,29 @@ def test_flash_segments_through_the_dispatcher_match_the_reference():
     out = jax.jit(functools.partial(kernels.attention, impl="pallas", segment_ids=ids))(q, k, v)
     ref = reference_attention(q, k, v, segment_ids=ids)
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("seq,heads,kv_heads,streamed,segmented", [
+    (64, 4, 4, False, False),  # read in place: token-major, nothing to pad
+    (64, 4, 2, False, True),  # in place, grouped K/V heads and documents
+    (37, 4, 1, False, False),  # a padded tail: sliced first
+    (64, 4, 2, True, True),  # the TPU kernels (heads-major): sliced first
+])
+def test_fused_qkv_equals_the_kernel_on_its_slices(seq, heads, kv_heads, streamed, segmented):
+    """flash_attention_qkv reads q, k and v out of one [B, T, H + 2 KVH, D] array (the model's c_attn output):
+    in place where the kernels' layout allows, else from slices. Output and d(qkv) are flash_attention's on
+    the slices, bit for bit (dropout on), and d(qkv) is [dQ | dK | dV]."""
+    batch, head_dim = 2, 16
+    qkv = jax.random.normal(jax.random.PRNGKey(seq + kv_heads), (batch, seq, heads + 2 * kv_heads, head_dim))
+    w = jax.random.normal(jax.random.PRNGKey(1), (batch, seq, heads, head_dim))
+    ids = jnp.asarray(segments(3, batch, seq)) if segmented else None
+    options = dict(dropout_rate=0.2, dropout_seed=jnp.uint32(4), segment_ids=ids, block_q=16, block_k=16,
+                   _debug_poison=True, _streamed=streamed)
+    fused = lambda qkv: flash_attention_qkv(qkv, kv_heads, **options)
+    sliced = lambda qkv: flash_attention(*split_qkv(qkv, kv_heads), **options)
+    results = [jax.jit(lambda qkv: jax.value_and_grad(lambda x: jnp.sum(f(x) * w))(qkv))(qkv) for f in (fused, sliced)]
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert grads.shape == qkv.shape
+    assert_finite(grads)
+    np.testing.assert_array_equal(np.asarray(loss), np.asarray(ref_loss))
+    np.testing.assert_array_equal(np.asarray(grads), np.asarray(ref_grads))

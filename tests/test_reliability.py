@@ -5,6 +5,7 @@ traceback, and must leave existing checkpoints as they were. Runs use the tiny
 config with `check_attention` off (it only slows the compile down here).
 """
 
+import importlib
 import json
 import os
 import shutil
@@ -365,7 +366,7 @@ def test_preflight_analytic_parameter_count_matches_the_model(tiny_config, n_kv_
 
 
 def test_preflight_names_the_function_and_dims_of_a_shape_error(tiny_config, monkeypatch):
-    from haiku_gpt import kernels
+    kernels = importlib.import_module("haiku_gpt.kernels.attention")  # the dispatcher attention_qkv calls
 
     original = kernels.attention
 
@@ -386,13 +387,13 @@ def test_preflight_names_the_function_and_dims_of_a_shape_error(tiny_config, mon
 
 
 def test_preflight_reports_a_broken_shape_without_annotations(tiny_config, monkeypatch):
-    from haiku_gpt import kernels
+    kernels = importlib.import_module("haiku_gpt.kernels.attention")
 
     def mismatched_attention(q, k, v, **kwargs):
         return q + k[:, :-1]  # the bug: the shapes do not broadcast
 
     monkeypatch.setattr(kernels, "attention", mismatched_attention)
-    with pytest.raises(UserError, match=r"does not trace: TypeError in haiku_gpt/model.py:\d+ \(__call__\)"):
+    with pytest.raises(UserError, match=r"does not trace: TypeError in kernels/attention.py:\d+ \(attention_qkv\)"):
         preflight.check_shapes(setup(tiny_config, quiet))
 
 

@@ -643,7 +643,7 @@ class KernelTraffic:
     name: str  # the instruction's name; a Pallas call's kernel name (as a GPU trace shows it)
     opcode: str  # "fusion", "custom-call", "copy", ...
     launches: int  # per call of the program: a while loop's body counts once per known trip
-    bytes: int  # per launch: every operand read whole (an upper bound for a slice) plus the result written
+    bytes: int  # per launch: each operand read whole (an upper bound for a slice), once, plus the result written
 
 
 def kernel_traffic(hlo_text: str) -> list[KernelTraffic]:
@@ -679,10 +679,11 @@ def kernel_traffic(hlo_text: str) -> list[KernelTraffic]:
             elif opcode in ("call", "conditional"):
                 branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
                 called = re.findall(r"(?:to_apply|true_computation|false_computation)=%([\w.\-]+)", rest)
-                pending += [(c, launches) for c in called + re.findall(r"%([\w.\-]+)", branches.group(1) if branches else "")]
+                called += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
+                pending += [(c, launches) for c in called]
             if opcode in _NOT_KERNELS:
                 continue
-            operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+            operands = set(re.findall(r"%([\w.\-]+)", rest.split("), ")[0]))  # an array passed twice is read once
             pallas = re.search(r'op_name="[^"]*/(\w+)/pallas_call"', rest)
             kernels.append(KernelTraffic(pallas.group(1) if pallas else name, opcode, launches,
                                          nbytes(hlo_type) + sum(nbytes(types.get(o, "")) for o in operands)))
