@@ -17,7 +17,10 @@ dims are (rows, head dim), which is what the TPU tiling rules want. Transposes
 and pads, where needed, live in XLA and are linear in T. `flash_attention_qkv`
 takes q, k and v as one `[B, T, H + 2 KVH, D]` array (the model's fused qkv
 projection), which the GPU kernels read in place: their BlockSpecs start at
-heads 0, H and H + KVH.
+heads 0, H and H + KVH. With one K/V head per query head they also write its
+gradient in place: dK/dV into the k and v slots of one [B, T, 3, H, D] buffer,
+then dQ into its q slot (`_pallas(into=...)`), so XLA neither slices nor
+concatenates anything around them.
 
 Algorithm (https://arxiv.org/abs/2307.08691)
   forward: one `[bq, Dp]` query block walks the key blocks left to right with
@@ -567,12 +570,14 @@ def _delta_kernel(o_ref, do_ref, delta_ref):
 
 
 def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geom: _Geometry,
-                 segmented: bool = False, **static):
+                 segmented: bool = False, dkv_out: bool = False, **static):
     # k_ref, v_ref, dk_ref, dv_ref: [bk, Dp] this program's key block
     # q_ref, do_ref: [Tp, Dp]; lse_ref, delta_ref: [Tp, 1] all rows of this (batch, head)
     # segmented: k_seg [bk, 1] (16-bit: transposed) or [1, bk]; q_seg [1, Tp] or [Tp, 1];
     #   k_first/k_last [bk, 1] (the span of each key's segment)
-    seg_refs, (dk_ref, dv_ref) = _split_refs(refs, segmented, 2)
+    # dkv_out: one output ref [bk, 2, Dp], the k and v slots of d(qkv) [B, Tp, 3, H, Dp]
+    seg_refs, outs = _split_refs(refs, segmented, 1 if dkv_out else 2)
+    dk_ref, dv_ref = (outs[0].at[:, 0, :], outs[0].at[:, 1, :]) if dkv_out else outs
     kj, bq = pl.program_id(2), geom.block_q
     row_of = _row_hasher(seed_ref, static["dropout_rate"])
     k, v = k_ref[...], v_ref[...]
@@ -782,29 +787,31 @@ class _Specs:
 
 def _pallas(backend: _Backend, opts: _Options, kernel: Callable, *, name: str, grid,
             sizes: BlockSizes, in_specs, out_specs, out_shapes, inputs, seed=None,
-            scratch_shapes=()):
+            scratch_shapes=(), into=None):
     """pallas_call with the backend's seed spec and compiler params.
 
-    With `opts.debug_poison` every output starts as a NaN-filled buffer that is
-    aliased to it (input_output_aliases), so the kernel writes into NaNs in
-    place: any element that no program writes stays NaN and the tests' NaN
-    checks catch it. (Without aliasing an unwritten output element is whatever
-    the allocator left there, often 0, which a test could not tell apart.)
+    `into`: a buffer the (one) output is written into in place (input_output_aliases): the kernel writes
+    its blocks and the rest keeps what it held (the dQ pass fills the q heads of the d(qkv) that the
+    dK/dV pass wrote). With `opts.debug_poison` every other output starts as a NaN-filled buffer,
+    aliased the same way, so any element that no program writes stays NaN and the tests' NaN checks
+    catch it. (Without aliasing an unwritten output element is whatever the allocator left there, often
+    0, which a test could not tell apart.) The kernel never sees these buffers' input refs.
     """
     operands = [*([] if seed is None else [seed]), *inputs]
     in_specs = [*([] if seed is None else [backend.seed_spec()]), *in_specs]
-    aliases = {}
-    if opts.debug_poison:
-        num_in = len(operands)
-        for n, (shape, spec) in enumerate(zip(out_shapes, out_specs)):
+    starts = [into] if into is not None else [
+        jnp.full(shape.shape, jnp.nan, shape.dtype) if opts.debug_poison else None for shape in out_shapes]
+    num_in, aliases = len(operands), {}
+    for n, (start, spec) in enumerate(zip(starts, out_specs)):
+        if start is not None:
             aliases[len(operands)] = n
-            operands.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+            operands.append(start)
             in_specs.append(spec)
-        num_poison = len(out_shapes)
+    if aliases:
         body = kernel
 
-        def kernel(*refs):  # drop the poison input refs: the outputs alias them
-            return body(*refs[:num_in], *refs[num_in + num_poison:])
+        def kernel(*refs):  # drop the aliased inputs' refs: the outputs are their buffers
+            return body(*refs[:num_in], *refs[num_in + len(aliases):])
 
     return pl.pallas_call(
         kernel,
@@ -955,9 +962,11 @@ def _forward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids=No
 
 
 def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
-             qp, kp, vp, firsts, dop, lsep, delta, segs: _Segments | None):
+             qp, kp, vp, firsts, dop, lsep, delta, segs: _Segments | None, dkv_out: bool = False):
     """dK, dV in kernel layout, one per query head: per key block, over the query blocks that see it.
-    `firsts`: the heads where q's, k's and v's heads start in qp, kp, vp (`_qkv_to_kernel_layout`)."""
+    `firsts`: the heads where q's, k's and v's heads start in qp, kp, vp (`_qkv_to_kernel_layout`).
+    `dkv_out` (loop kernels, one K/V head per query head): one array instead, d(qkv) as
+    [B, Tp, 3, H, Dp] with its k and v slots written and its q slot left for `_dq_on(into=...)`."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
@@ -983,6 +992,12 @@ def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSiz
     shape = _kernel_shape(geom, qp.shape[0], lsep.shape[1], backend.heads_major)
     common = dict(name="flash_attention_dkdv", sizes=sizes, seed=seed, inputs=inputs,
                   out_shapes=[jax.ShapeDtypeStruct(shape, out_dtype)] * 2)
+    out_specs = [specs.rows(bk, dp), specs.rows(bk, dp)]
+    if dkv_out:  # the k and v slots (elements 1 and 2 of the 3) of this head's rows
+        static["dkv_out"] = True
+        batch, heads = qp.shape[0], lsep.shape[1]
+        common["out_shapes"] = [jax.ShapeDtypeStruct((batch, tp, 3, heads, dp), out_dtype)]
+        out_specs = [pl.BlockSpec((None, bk, pl.Element(2), None, dp), lambda b, h, j: (b, j, 1, h, 0))]
     if backend.streamed:
         return _pallas(
             backend, opts, functools.partial(_streamed_dkdv_kernel, **static),
@@ -997,12 +1012,13 @@ def _dkdv_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSiz
         grid=(qp.shape[0], lsep.shape[1], geom.num_k_blocks),
         in_specs=[specs.all_rows(tp, dp, first=q0), specs.kv_rows(bk, dp, first=k0), specs.kv_rows(bk, dp, first=v0),
                   specs.all_rows(tp, dp), specs.all_stats(tp), specs.all_stats(tp), *seg_specs],
-        out_specs=[specs.rows(bk, dp), specs.rows(bk, dp)], **common)
+        out_specs=out_specs, **common)
 
 
 def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes, specs: _Specs, seed,
-           qp, kp, vp, firsts, dop, lsep, delta, segs: _Segments | None):
-    """dQ in kernel layout: per query block, over the key blocks it sees (like the forward)."""
+           qp, kp, vp, firsts, dop, lsep, delta, segs: _Segments | None, into=None):
+    """dQ in kernel layout: per query block, over the key blocks it sees (like the forward). `into`: the
+    d(qkv) [B, Tp, 3, H, Dp] of `_dkdv_on(dkv_out=True)`, whose q slot it writes in place (loop kernels)."""
     bq, bk, dp, tp = geom.block_q, geom.block_k, geom.head_dim_padded, geom.seq_padded
     static = dict(sm_scale=opts.sm_scale, causal=opts.causal, dropout_rate=opts.dropout_rate,
                   geom=geom)
@@ -1021,6 +1037,9 @@ def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes
     common = dict(name="flash_attention_dq", sizes=sizes, seed=seed,
                   inputs=inputs, out_specs=[specs.rows(bq, dp)],
                   out_shapes=[jax.ShapeDtypeStruct(shape, qp.dtype)])
+    if into is not None:  # the q slot (element 0 of the 3) of this head's rows
+        common.update(into=into, out_shapes=[jax.ShapeDtypeStruct(into.shape, into.dtype)],
+                      out_specs=[pl.BlockSpec((None, bq, None, None, dp), lambda b, h, i: (b, i, 0, h, 0))])
     if backend.streamed:
         (dq,) = _pallas(
             backend, opts, functools.partial(_streamed_dq_kernel, **static),
@@ -1039,7 +1058,8 @@ def _dq_on(backend: _Backend, opts: _Options, geom: _Geometry, sizes: BlockSizes
 
 
 def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids, o, lse, do):
-    """(dQ [B, T, H, D], dK, dV [B, T, KVH, D]) on one backend."""
+    """(dQ [B, T, H, D], dK, dV [B, T, KVH, D]) on one backend; with `opts.qkv_heads`, d(qkv)
+    [B, T, H + 2 KVH, D]."""
     batch, seq_len, _, head_dim = q.shape
     heads, kv_heads = _heads(q, k, opts)
     geom, sizes = _geometry(backend, opts, seq_len, head_dim, q.dtype, backward=True)
@@ -1056,12 +1076,16 @@ def _backward_on(backend: _Backend, opts: _Options, q, k, v, seed, segment_ids, 
         inputs=[op, dop])
     segs = None if segment_ids is None else _Segments.build(segment_ids, geom)
     args = (backend, opts, geom, sizes, specs, seed, qp, kp, vp, firsts, dop, lsep, delta, segs)
+    if firsts != (0, 0, 0) and kv_heads == heads:
+        # q, k and v read in place: dK and dV, then dQ, are written in place into d(qkv) [B, T, 3, H, D].
+        (dkv,) = _dkdv_on(*args, dkv_out=True)
+        return _dq_on(*args, into=dkv).reshape(q.shape)
     dk, dv = _dkdv_on(*args)
     dq = _dq_on(*args)
     dq, dk, dv = (_from_kernel_layout(x, geom, backend.heads_major) for x in (dq, dk, dv))
     if kv_heads != heads:
         dk, dv = (_sum_groups(x, kv_heads).astype(k.dtype) for x in (dk, dv))
-    return dq, dk, dv
+    return (dq, dk, dv) if opts.qkv_heads is None else jnp.concatenate([dq, dk, dv], axis=2)
 
 
 def _per_platform(opts: _Options, fn: Callable, *args):
@@ -1118,8 +1142,7 @@ def _flash_qkv_fwd(qkv, seed, segment_ids, opts: _Options):
 
 def _flash_qkv_bwd(opts: _Options, residuals, do):
     qkv, seed, segment_ids, o, lse = residuals
-    dq, dk, dv = _per_platform(opts, _backward_on, qkv, qkv, qkv, seed, segment_ids, o, lse, do)
-    return jnp.concatenate([dq, dk, dv], axis=2), None, None
+    return _per_platform(opts, _backward_on, qkv, qkv, qkv, seed, segment_ids, o, lse, do), None, None
 
 
 _flash_qkv.defvjp(_flash_qkv_fwd, _flash_qkv_bwd)

@@ -248,7 +248,8 @@ ENTRY %main (a: f32[8], b: f32[8,4], c: f32[2]) -> bf16[8] {
   %one = s32[] constant(1)
   %branched = f32[8]{0} conditional(%one, %y, %y), branch_computations={%br0, %br1}
   %k = f32[8]{0} custom-call(%branched, %branched), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/attn/flash_attention_forward/pallas_call"}
-  ROOT %z = bf16[8]{0} convert(%k)
+  %k2 = f32[8]{0} custom-call(%k, %a), custom_call_target="__gpu$xla.gpu.triton", output_to_operand_aliasing={{}: (1, {})}
+  ROOT %z = bf16[8]{0} convert(%k2)
 }
 """
 
@@ -256,10 +257,11 @@ ENTRY %main (a: f32[8], b: f32[8,4], c: f32[2]) -> bf16[8] {
 def test_kernel_traffic_counts_a_loops_body_per_trip_and_the_bytes_each_kernel_moves():
     """The kernels of a module: the while body's once per known trip (not its condition, not the fusion's own
     computation), a conditional's branches once each, each kernel with its operands read whole (an array
-    passed twice, once) and its result written; a Pallas call named as a GPU trace names it; tuples longer
-    than five (their `/*index=5*/` marks) parsed."""
+    passed twice, once; one its output aliases, not at all) and its result written; a Pallas call named as a
+    GPU trace names it; tuples longer than five (their `/*index=5*/` marks) parsed."""
     kernels = {k.name: k for k in targets.kernel_traffic(_LOOP_HLO)}
-    assert set(kernels) == {"r", "n", "neg", "abs", "flash_attention_forward", "z"}
+    assert set(kernels) == {"r", "n", "neg", "abs", "flash_attention_forward", "k2", "z"}
+    assert (kernels["k2"].opcode, kernels["k2"].bytes) == ("custom-call", 4 * 8 + 4 * 8)  # %k read, %a written
     assert [(kernels[b].launches, kernels[b].bytes) for b in ("neg", "abs")] == [(1, 64)] * 2
     assert (kernels["r"].launches, kernels["r"].bytes) == (3, 4 * 8 + 4 * 8 + 4 * 32)
     assert (kernels["n"].launches, kernels["n"].bytes) == (3, 4 + 4)  # add(%i, %i): %i read once
@@ -311,12 +313,14 @@ def test_bf16_train_step_on_h100_runs_every_gemm_in_bf16(h100_bf16_step_ops):
 @needs_cuda
 def test_bf16_train_step_on_h100_has_no_layout_copies(h100_bf16_step_ops):
     """The Pallas kernels read q/k/v and write o (and their gradients) in the model's [B, T, H, D]: no
-    transposes around them, and no slices: they read q, k and v straight out of the c_attn GEMM's output
-    (`flash_attention_qkv`), where three slices copied them out. No copies of the float32 state either
-    (params, AdamW's mu and nu: the update writes the donated buffers in place); the chunked loss's scan
-    copies only a bf16 chunk and counters."""
+    transposes around them, no slices and no concatenation: they read q, k and v straight out of the c_attn
+    GEMM's output (`flash_attention_qkv`), where three slices copied them out, and write dK, dV and then dQ
+    into one d(qkv), which XLA concatenated. No copies of the float32 state either (params, AdamW's mu and
+    nu: the update writes the donated buffers in place); the chunked loss's scan copies only a bf16 chunk
+    and counters."""
     assert [op for op in h100_bf16_step_ops if op.opcode == "transpose"] == []
     assert [op for op in h100_bf16_step_ops if op.opcode == "slice" and math.prod(op.shape) > 2] == []
+    assert [op for op in h100_bf16_step_ops if op.opcode == "concatenate" and op.dtype == "bf16"] == []
     copies = [op for op in h100_bf16_step_ops if op.opcode == "copy" and op.dtype == "f32"]
     assert all(math.prod(op.shape) <= 1 for op in copies), copies
     kernels = [op for op in h100_bf16_step_ops if op.opcode == "custom-call"]

@@ -668,15 +668,17 @@ def test_flash_segments_through_the_dispatcher_match_the_reference():
 
 
 @pytest.mark.parametrize("seq,heads,kv_heads,streamed,segmented", [
-    (64, 4, 4, False, False),  # read in place: token-major, nothing to pad
-    (64, 4, 2, False, True),  # in place, grouped K/V heads and documents
+    (64, 4, 4, False, False),  # read in place (token-major, nothing to pad), d(qkv) written in place
+    (64, 4, 4, False, True),  # the same with documents
+    (64, 4, 2, False, True),  # read in place, grouped K/V heads (dK, dV summed, then concatenated)
     (37, 4, 1, False, False),  # a padded tail: sliced first
     (64, 4, 2, True, True),  # the TPU kernels (heads-major): sliced first
 ])
 def test_fused_qkv_equals_the_kernel_on_its_slices(seq, heads, kv_heads, streamed, segmented):
     """flash_attention_qkv reads q, k and v out of one [B, T, H + 2 KVH, D] array (the model's c_attn output):
-    in place where the kernels' layout allows, else from slices. Output and d(qkv) are flash_attention's on
-    the slices, bit for bit (dropout on), and d(qkv) is [dQ | dK | dV]."""
+    in place where the kernels' layout allows, else from slices; with one K/V head per query head it writes
+    d(qkv) in place too. Output and d(qkv) are flash_attention's on the slices, bit for bit (dropout on), and
+    every element of d(qkv) is written (the outputs start as NaN)."""
     batch, head_dim = 2, 16
     qkv = jax.random.normal(jax.random.PRNGKey(seq + kv_heads), (batch, seq, heads + 2 * kv_heads, head_dim))
     w = jax.random.normal(jax.random.PRNGKey(1), (batch, seq, heads, head_dim))

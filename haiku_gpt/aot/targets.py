@@ -644,6 +644,7 @@ class KernelTraffic:
     opcode: str  # "fusion", "custom-call", "copy", ...
     launches: int  # per call of the program: a while loop's body counts once per known trip
     bytes: int  # per launch: each operand read whole (an upper bound for a slice), once, plus the result written
+    # (whole: an upper bound where a kernel writes part of a buffer in place, an operand it aliases, not read)
 
 
 def kernel_traffic(hlo_text: str) -> list[KernelTraffic]:
@@ -683,10 +684,15 @@ def kernel_traffic(hlo_text: str) -> list[KernelTraffic]:
                 pending += [(c, launches) for c in called]
             if opcode in _NOT_KERNELS:
                 continue
-            operands = set(re.findall(r"%([\w.\-]+)", rest.split("), ")[0]))  # an array passed twice is read once
+            # An operand that an output aliases is that output's buffer, written in place, not read; an array
+            # passed twice is read once.
+            operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+            aliased = re.search(r"output_to_operand_aliasing=\{(.*?)\)\}", rest)
+            in_place = {int(i) for i in re.findall(r"\((\d+),", aliased.group(1))} if aliased else set()
+            read = {o for i, o in enumerate(operands) if i not in in_place}
             pallas = re.search(r'op_name="[^"]*/(\w+)/pallas_call"', rest)
             kernels.append(KernelTraffic(pallas.group(1) if pallas else name, opcode, launches,
-                                         nbytes(hlo_type) + sum(nbytes(types.get(o, "")) for o in operands)))
+                                         nbytes(hlo_type) + sum(nbytes(types.get(o, "")) for o in read)))
     return kernels
 
 

@@ -92,9 +92,11 @@ def correctness_table(cases=CHECK_CASES, families=("auto", "mosaic_gpu"), dtype=
     """Each family of `flash_attention` (impl='pallas') against `reference_attention` in float32 at HIGHEST
     precision on the same 16-bit inputs: the relative error of the output and of dQ, dK, dV (a random dO), at
     each case, with the reference's dropout bits and the documents' segment ids. Fresh inputs: `seed` (a
-    new one each run unless given, printed with the rows) draws them. A family that refuses or fails a case
-    is a row with its error. The kernel families must pass this on a GPU before one becomes the default."""
-    from haiku_gpt.kernels import attention, reference_attention  # noqa: PLC0415
+    new one each run unless given, printed with the rows) draws them. The kernels run as the model calls
+    them, `attention_qkv` on one fused [B, T, H + 2 KVH, D] array (read and written in place where the
+    layout allows, sliced where it needs padding). A family that refuses or fails a case is a row with its
+    error. The kernel families must pass this on a GPU before one becomes the default."""
+    from haiku_gpt.kernels import attention_qkv, reference_attention, split_qkv  # noqa: PLC0415
 
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     rows = []
@@ -114,10 +116,11 @@ def correctness_table(cases=CHECK_CASES, families=("auto", "mosaic_gpu"), dtype=
                 + (f" dropout {rate}" if rate else "") + (f" {documents} docs" if documents > 1 else ""))
         for family in families:
             row = {"case": case, "family": family, "seed": seed}
-            attend = jax.jit(functools.partial(attention, impl="pallas", kernel_family=family, **masks))
+            attend = jax.jit(functools.partial(attention_qkv, kv_heads=kv_heads, impl="pallas", kernel_family=family,
+                                               **masks))
             try:
-                out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v).astype(jnp.float32), q, k, v)
-                got = (out, *pullback(do))
+                out, pullback = jax.vjp(lambda qkv: attend(qkv).astype(jnp.float32), jnp.concatenate([q, k, v], 2))
+                got = (out, *split_qkv(pullback(do)[0], kv_heads))
                 errors = {name: _relative_error(x, r) for name, x, r in zip(("out", "dq", "dk", "dv"), got, expected)}
             except Exception as e:  # noqa: BLE001 (a family failing a case is a result, not the end of the run)
                 rows.append({**row, "error": _error_text(e)})
