@@ -168,7 +168,8 @@ def test_tile_sweep_picks_a_forward_and_a_backward_tile_and_restores_the_table()
 
 def test_gpu_breakdown_counts_kernels_and_the_span_of_a_step(tmp_path):
     """The trace breakdown from a two-step Perfetto trace: ms and kernels per step by category, and the time from
-    the first kernel to the last (what the GPU was busy within, idle gaps included)."""
+    the first kernel to the last (what the GPU was busy within, idle gaps included); its table puts the GB the
+    compiled step moves beside each category's time, and their rate."""
     import json
 
     from haiku_gpt.benchmarks import gpu_bench
@@ -186,6 +187,11 @@ def test_gpu_breakdown_counts_kernels_and_the_span_of_a_step(tmp_path):
     assert result["kernels_per_step"] == {**dict.fromkeys(gpu_bench.CATEGORIES, 0), "bf16 GEMM": 1,
                                           "attention kernels": 1, "other fusions": 1}
     assert result["total_ms_per_step"] == 4.5 and result["first_to_last_kernel_ms_per_step"] == 7.75
+    hlo = {"gb_per_call": {**dict.fromkeys(gpu_bench.CATEGORIES, 0.0), "bf16 GEMM": 6.0, "other fusions": 1.0},
+           "total_gb": 7.0}
+    table = gpu_bench.markdown({"device": "cpu", "jax": "-", "breakdown": {**result, "hlo": hlo}})
+    assert "| bf16 GEMM | 3.00 | 1 | 6.00 | 2.00 |" in table and "| total | 4.50 | 3 | 7.00 | 1.56 |" in table
+    assert "| transposes | 0.00 | 0 | 0.00 | |" in table
 
 
 def test_cpu_bench_gemm_shapes_are_the_steps_weight_matmuls():

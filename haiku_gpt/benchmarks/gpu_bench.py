@@ -13,7 +13,8 @@ prints four tables, and writes all five (markdown and JSON) to --json_out's fold
   3. the char quick start (configs/shakespeare_char.py through the real training loop, pallas, bf16): p10,
      median and p90 ms/iter over `CHAR_ITERS` steps, beside nanoGPT's train.py on the same data;
   4. where one gpt2_124m step's GPU time goes, from a jax.profiler trace: float32 GEMMs, bf16 GEMMs,
-     attention kernels, transposes, copies, other fusions.
+     attention kernels, transposes, copies, other fusions; beside each, the GB its kernels move (read from
+     the same compiled step, `hlo_breakdown`) and the rate that makes, in TB/s.
 Each part is timed in one run on one GPU, so the ratios compare like with like.
 """
 
@@ -460,7 +461,8 @@ def hlo_breakdown(hlo_text: str) -> dict:
 
 
 def profile_step(result: dict, out_dir: str, steps_traced: int = 3) -> dict:
-    """Trace `steps_traced` train steps (compiled already by train_step_speed) and break their GPU time down."""
+    """Trace `steps_traced` train steps (compiled already by train_step_speed) and break their GPU time down,
+    beside the bytes the same compiled step's kernels move (`hlo_breakdown`, "hlo")."""
     steps, state, batch = result["steps"], result["state"], result["batch"]
     trace_dir = os.path.join(out_dir, "profile")
     jax.block_until_ready(state)
@@ -472,7 +474,7 @@ def profile_step(result: dict, out_dir: str, steps_traced: int = 3) -> dict:
     traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"), recursive=True)
     hlo = steps.train_steps.lower(state, *batch).compile().as_text()
     breakdown = gpu_time_breakdown(max(traces, key=os.path.getmtime), steps_traced, float32_gemm_fusions(hlo))
-    return {**breakdown, "trace": max(traces, key=os.path.getmtime)}
+    return {**breakdown, "hlo": hlo_breakdown(hlo), "trace": max(traces, key=os.path.getmtime)}
 
 
 def _row_text(row: dict) -> str:
@@ -534,10 +536,20 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | " + (r["error"][:100] + " | | |" if "error" in r else
                      f"{r['p10_ms']:.2f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |"))
     if "breakdown" in results:
-        lines += ["", "| one gpt2_124m step (pallas), GPU time | ms |", "|---|---|"]
-        for name, ms in results["breakdown"]["ms_per_step"].items():
-            lines.append(f"| {name} | {ms:.2f} |")
-        lines.append(f"| total | {results['breakdown']['total_ms_per_step']:.2f} |")
+        lines += ["", _breakdown_markdown(results["breakdown"])]
+    return "\n".join(lines)
+
+
+def _breakdown_markdown(breakdown: dict) -> str:
+    """The step's GPU time by category, beside the GB its kernels move (from the compiled HLO) and the rate
+    that makes: a memory-bound category far under the GPU's bandwidth is where time is lost."""
+    hlo = breakdown.get("hlo", {"gb_per_call": {}, "total_gb": 0.0})
+    lines = ["| one gpt2_124m step (pallas) | GPU ms | kernels | GB moved (HLO) | TB/s |", "|---|---|---|---|---|"]
+    rows = [(name, ms, breakdown["kernels_per_step"][name], hlo["gb_per_call"].get(name, 0.0))
+            for name, ms in breakdown["ms_per_step"].items()]
+    rows.append(("total", breakdown["total_ms_per_step"], sum(r[2] for r in rows), hlo["total_gb"]))
+    for name, ms, kernels, gb in rows:
+        lines.append(f"| {name} | {ms:.2f} | {kernels:g} | {gb:.2f} | " + (f"{gb / ms:.2f} |" if ms and gb else "|"))
     return "\n".join(lines)
 
 
