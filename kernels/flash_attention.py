@@ -1272,8 +1272,9 @@ def flash_attention_qkv(
 
     Where their layout allows (Triton and the interpreter's GPU kernels, T and D needing no padding) the
     kernels read q, k and v straight out of `qkv` (BlockSpecs starting at heads 0, H and H + KVH), so
-    XLA copies nothing out of it: three slices were three copies of the activations a layer, forward
-    only (the gradient, d(qkv), still concatenates dQ, dK and dV). Elsewhere it slices first.
+    XLA copies nothing out of it (three slices were three copies of the activations a layer); with one
+    K/V head per query head they also write the gradient, d(qkv), in place, where XLA concatenated dQ, dK
+    and dV. Elsewhere it slices first, and concatenates the gradient.
     """
     q, k, v = split_qkv(qkv, kv_heads)
     return flash_attention(q, k, v, _qkv=qkv, **kwargs)
