@@ -599,6 +599,7 @@ def _flops(compiled: Any) -> tuple[float | None, str]:
 _HLO_INSTRUCTION = re.compile(  # %name = TYPE opcode(operands...: TYPE is dtype[dims]{layout} or a (tuple, ...)
     r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(\([^=]*?\)|\w+\[[\d,]*\]\S*)\s+([\w\-]+)\((.*)$", re.MULTILINE)
 _HLO_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_HLO_POSITION = re.compile(r"/\*index=\d+\*/")  # marks every fifth element of long tuples and operand lists
 
 
 @dataclasses.dataclass(frozen=True)
@@ -617,7 +618,7 @@ def hlo_ops(hlo_text: str) -> list[HloOp]:
     """Every instruction of `compiled.as_text()`, with its operands' dtypes: what to assert on when proving
     that a program has, say, no float32 GEMM (`dot` with two f32 operands) or no transpose."""
     found = []
-    hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)  # long tuples' and operand lists' position marks
+    hlo_text = _HLO_POSITION.sub("", hlo_text)
     for m in _HLO_INSTRUCTION.finditer(hlo_text):
         results = tuple((dtype, tuple(int(d) for d in dims.split(",") if d))
                         for dtype, dims in _HLO_ARRAY.findall(m.group(2)))
@@ -651,7 +652,7 @@ def kernel_traffic(hlo_text: str) -> list[KernelTraffic]:
     """The kernels of `compiled.as_text()`: the instructions of the entry computation and of the while loops,
     calls and conditionals it runs (all branches), less bookkeeping (parameters, tuples, bitcasts, constants).
     Device-independent: what a memory-bound step's time follows, read without the hardware."""
-    hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)
+    hlo_text = _HLO_POSITION.sub("", hlo_text)
     computations: dict[str, list[re.Match]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
